@@ -1,0 +1,1 @@
+"""Thin entrypoints, one per job; each runs as `python -m jobs.<name>` or `uniformer <name>`."""

@@ -1,0 +1,1 @@
+"""The library the jobs are made of: storage, data, training, evaluation, tracking."""
