@@ -1,0 +1,286 @@
+"""One typed, frozen config tree for every job.
+
+Loaded from YAML (`infra/configs/*.yaml`) and then `section.key=value` overrides; anything
+unknown or of the wrong type is an error naming the key. The resolved config is logged whole
+to MLflow and saved in every checkpoint.
+"""
+
+from __future__ import annotations
+
+import argparse
+import dataclasses
+import types
+import typing
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, Literal
+
+import yaml
+
+
+class ConfigError(ValueError):
+    """A bad config value; the message names the dotted key."""
+
+
+@dataclass(frozen=True)
+class StorageConfig:
+    # S3-compatible endpoint (MinIO, Ceph, moto); empty means the AWS default for the region.
+    # Credentials always come from the standard AWS chain, never from this config.
+    endpoint_url: str = ""
+    region: str = ""
+
+
+@dataclass(frozen=True)
+class DataConfig:
+    manifest: str = ""  # URI of `prepare`'s output folder or its manifest.parquet
+    train_split: str = "train"
+    val_split: str = "val"
+    sampling: Literal["dense", "uniform"] = "dense"  # uniform = one frame per segment (SSv2)
+    num_frames: int = 16
+    sampling_rate: int = 4  # in frames of the original video
+    crop_size: int = 224
+    short_side: int = 224  # evaluation resize before the centre / 3 crops
+    scale: tuple[float, float] = (0.08, 1.0)
+    ratio: tuple[float, float] = (0.75, 4 / 3)
+    hflip: bool = True
+    mean: tuple[float, float, float] = (0.45, 0.45, 0.45)
+    std: tuple[float, float, float] = (0.225, 0.225, 0.225)
+    repeated_aug: int = 1  # clips drawn per video per epoch
+    test_clips: int = 4
+    test_crops: Literal[1, 3] = 1
+    decode_cpus: float = 1.0  # CPUs reserved by each decode task
+    decode_concurrency: int = 0  # 0 lets Ray Data choose
+
+
+@dataclass(frozen=True)
+class ModelConfig:
+    variant: str = "uniformer_s"
+    num_classes: int = 400
+    drop_path_rate: float = 0.1
+    grad_checkpointing: bool = False
+    init_from: str = ""  # official or own checkpoint; ImageNet 2D weights are inflated
+
+
+@dataclass(frozen=True)
+class OptimConfig:
+    lr_per_32: float = 1e-4  # scaled by global batch / 32
+    weight_decay: float = 0.05
+    betas: tuple[float, float] = (0.9, 0.999)
+    epochs: int = 110
+    warmup_epochs: float = 10
+    min_lr: float = 1e-6
+    clip_grad_norm: float = 20.0  # 0 disables
+    grad_accum_steps: int = 1
+    label_smoothing: float = 0.1
+    mixup_alpha: float = 0.8  # 0 disables
+    cutmix_alpha: float = 1.0  # 0 disables
+    mixup_prob: float = 1.0
+    ema_decay: float = 0.0  # 0 disables the weight EMA
+
+
+@dataclass(frozen=True)
+class TrainConfig:
+    run_name: str = "uniformer"
+    storage_path: str = "work/ray_results"  # local folder or s3://bucket/prefix
+    num_workers: int = 2
+    use_gpu: bool = False
+    cpus_per_worker: float = 1.0
+    batch_size: int = 32  # global clips per optimizer step
+    precision: Literal["bf16", "fp16", "fp32"] = "bf16"
+    seed: int = 0
+    val_every_epochs: int = 1
+    checkpoint_every_epochs: int = 1
+    keep_checkpoints: int = 2
+    checkpoint_metric: str = "val_top1"
+    max_failures: int = 0
+    max_steps_per_epoch: int = 0  # 0 = the whole split
+
+
+@dataclass(frozen=True)
+class TrackingConfig:
+    tracking_uri: str = ""  # empty: $MLFLOW_TRACKING_URI, else sqlite in the work folder
+    experiment: str = "uniformer"
+    registered_model: str = "uniformer"
+    system_metrics: bool = False
+
+
+@dataclass(frozen=True)
+class Config:
+    data: DataConfig = field(default_factory=DataConfig)
+    model: ModelConfig = field(default_factory=ModelConfig)
+    optim: OptimConfig = field(default_factory=OptimConfig)
+    train: TrainConfig = field(default_factory=TrainConfig)
+    tracking: TrackingConfig = field(default_factory=TrackingConfig)
+    storage: StorageConfig = field(default_factory=StorageConfig)
+
+    def to_dict(self) -> dict[str, Any]:
+        return dataclasses.asdict(self)
+
+    def to_flat_dict(self) -> dict[str, Any]:
+        """`section.key -> value`, the form logged as MLflow params."""
+        return {f"{s}.{k}": v for s, sub in self.to_dict().items() for k, v in sub.items()}
+
+    def to_yaml(self) -> str:
+        plain = {s: {k: list(v) if isinstance(v, tuple) else v for k, v in sub.items()}
+                 for s, sub in self.to_dict().items()}
+        return yaml.safe_dump(plain, sort_keys=False)
+
+    def replace(self, **sections: Any) -> Config:
+        return dataclasses.replace(self, **sections)
+
+
+def _coerce(key: str, value: Any, hint: Any) -> Any:
+    """Check `value` against a field's type hint; return it in the field's type."""
+    origin = typing.get_origin(hint)
+    if origin is Literal:
+        allowed = typing.get_args(hint)
+        if value not in allowed:
+            raise ConfigError(f"{key}: {value!r} is not one of {', '.join(map(repr, allowed))}")
+        return value
+    if origin is tuple:
+        args = typing.get_args(hint)
+        if not isinstance(value, (list, tuple)) or len(value) != len(args):
+            raise ConfigError(f"{key}: expected a list of {len(args)} numbers, got {value!r}")
+        return tuple(_coerce(key, v, a) for v, a in zip(value, args))
+    if origin in (typing.Union, types.UnionType):
+        raise TypeError(f"{key}: union types are not supported in the config")
+    if hint is bool:
+        if not isinstance(value, bool):
+            raise ConfigError(f"{key}: expected true or false, got {value!r}")
+        return value
+    if hint is int:
+        if isinstance(value, bool) or not isinstance(value, int):
+            raise ConfigError(f"{key}: expected an integer, got {value!r}")
+        return value
+    if hint is float:
+        if isinstance(value, str):  # YAML 1.1 reads "1e-4" (no dot) as a string
+            try:
+                value = float(value)
+            except ValueError:
+                pass
+        if isinstance(value, bool) or not isinstance(value, (int, float)):
+            raise ConfigError(f"{key}: expected a number, got {value!r}")
+        return float(value)
+    if hint is str:
+        if not isinstance(value, str):
+            raise ConfigError(f"{key}: expected a string, got {value!r}")
+        return value
+    raise TypeError(f"{key}: unsupported config type {hint!r}")
+
+
+def _build(cls: type, values: dict[str, Any], prefix: str) -> Any:
+    hints = typing.get_type_hints(cls)
+    names = {f.name for f in dataclasses.fields(cls)}
+    unknown = sorted(set(values) - names)
+    if unknown:
+        raise ConfigError(f"unknown config key {prefix}{unknown[0]}; known keys in "
+                          f"{prefix.rstrip('.') or 'the config'}: {', '.join(sorted(names))}")
+    kwargs = {}
+    for name, value in values.items():
+        hint = hints[name]
+        if dataclasses.is_dataclass(hint):
+            if not isinstance(value, dict):
+                raise ConfigError(f"{prefix}{name}: expected a mapping, got {value!r}")
+            kwargs[name] = _build(hint, value, f"{prefix}{name}.")
+        else:
+            kwargs[name] = _coerce(f"{prefix}{name}", value, hint)
+    return cls(**kwargs)
+
+
+def _apply_override(tree: dict[str, Any], override: str) -> None:
+    key, sep, raw = override.partition("=")
+    if not sep or not key:
+        raise ConfigError(f"override {override!r} is not of the form section.key=value")
+    parts = key.split(".")
+    node = tree
+    for part in parts[:-1]:
+        node = node.setdefault(part, {})
+        if not isinstance(node, dict):
+            raise ConfigError(f"override {override!r}: {part} is not a section")
+    value = yaml.safe_load(raw) if raw else ""
+    node[parts[-1]] = "" if value is None else value
+
+
+def _check(ok: bool, key: str, message: str, value: Any) -> None:
+    if not ok:
+        raise ConfigError(f"{key} {message}, got {value!r}")
+
+
+def validate(cfg: Config) -> Config:
+    """Range and consistency checks; the error names the key and the fix."""
+    d, m, o, t = cfg.data, cfg.model, cfg.optim, cfg.train
+    for key, value in [("data.num_frames", d.num_frames), ("data.sampling_rate", d.sampling_rate),
+                       ("data.crop_size", d.crop_size), ("data.short_side", d.short_side),
+                       ("data.repeated_aug", d.repeated_aug), ("data.test_clips", d.test_clips),
+                       ("model.num_classes", m.num_classes), ("optim.epochs", o.epochs),
+                       ("optim.grad_accum_steps", o.grad_accum_steps),
+                       ("train.num_workers", t.num_workers), ("train.batch_size", t.batch_size),
+                       ("train.val_every_epochs", t.val_every_epochs),
+                       ("train.checkpoint_every_epochs", t.checkpoint_every_epochs),
+                       ("train.keep_checkpoints", t.keep_checkpoints)]:
+        _check(value >= 1, key, "must be at least 1", value)
+    _check(d.num_frames % 2 == 0, "data.num_frames", "must be even (the stem halves time)", d.num_frames)
+    _check(d.crop_size % 32 == 0, "data.crop_size", "must be a multiple of 32", d.crop_size)
+    _check(d.short_side >= d.crop_size, "data.short_side", f"must be >= data.crop_size ({d.crop_size})",
+           d.short_side)
+    _check(0 < d.scale[0] <= d.scale[1] <= 1, "data.scale", "must be 0 < min <= max <= 1", d.scale)
+    _check(0 < d.ratio[0] <= d.ratio[1], "data.ratio", "must be 0 < min <= max", d.ratio)
+    _check(all(s > 0 for s in d.std), "data.std", "must be positive", d.std)
+    _check(d.decode_cpus > 0, "data.decode_cpus", "must be > 0", d.decode_cpus)
+    _check(d.decode_concurrency >= 0, "data.decode_concurrency", "must be >= 0", d.decode_concurrency)
+    _check(0 <= m.drop_path_rate < 1, "model.drop_path_rate", "must be in [0, 1)", m.drop_path_rate)
+    _check(o.lr_per_32 > 0, "optim.lr_per_32", "must be > 0", o.lr_per_32)
+    _check(o.weight_decay >= 0, "optim.weight_decay", "must be >= 0", o.weight_decay)
+    _check(0 <= o.min_lr <= o.lr_per_32, "optim.min_lr", "must be in [0, optim.lr_per_32]", o.min_lr)
+    _check(0 <= o.warmup_epochs < o.epochs, "optim.warmup_epochs", f"must be in [0, optim.epochs={o.epochs})",
+           o.warmup_epochs)
+    _check(all(0 <= b < 1 for b in o.betas), "optim.betas", "must be in [0, 1)", o.betas)
+    _check(o.clip_grad_norm >= 0, "optim.clip_grad_norm", "must be >= 0 (0 disables)", o.clip_grad_norm)
+    _check(0 <= o.label_smoothing < 1, "optim.label_smoothing", "must be in [0, 1)", o.label_smoothing)
+    _check(o.mixup_alpha >= 0 and o.cutmix_alpha >= 0, "optim.mixup_alpha/cutmix_alpha", "must be >= 0",
+           (o.mixup_alpha, o.cutmix_alpha))
+    _check(0 <= o.mixup_prob <= 1, "optim.mixup_prob", "must be in [0, 1]", o.mixup_prob)
+    _check(0 <= o.ema_decay < 1, "optim.ema_decay", "must be in [0, 1) (0 disables)", o.ema_decay)
+    _check(t.cpus_per_worker > 0, "train.cpus_per_worker", "must be > 0", t.cpus_per_worker)
+    _check(t.max_failures >= -1, "train.max_failures", "must be >= -1 (-1 retries forever)", t.max_failures)
+    _check(t.max_steps_per_epoch >= 0, "train.max_steps_per_epoch", "must be >= 0 (0 = whole split)",
+           t.max_steps_per_epoch)
+    per_step = t.num_workers * o.grad_accum_steps
+    _check(t.batch_size % per_step == 0, "train.batch_size",
+           f"must be divisible by train.num_workers x optim.grad_accum_steps = {per_step}", t.batch_size)
+    _check(bool(t.run_name) and "/" not in t.run_name, "train.run_name", "must be a non-empty name without '/'",
+           t.run_name)
+    return cfg
+
+
+def load_config(path: str | Path | None = None, overrides: list[str] | tuple[str, ...] = ()) -> Config:
+    """Defaults, then the YAML file, then `section.key=value` overrides; validated."""
+    tree: dict[str, Any] = {}
+    if path:
+        path = Path(path)
+        if not path.is_file():
+            raise ConfigError(f"config file {path} does not exist")
+        loaded = yaml.safe_load(path.read_text()) or {}
+        if not isinstance(loaded, dict):
+            raise ConfigError(f"config file {path} must hold a mapping of sections, got {type(loaded).__name__}")
+        tree = loaded
+    for override in overrides:
+        _apply_override(tree, override)
+    return validate(_build(Config, tree, ""))
+
+
+def add_config_args(parser: argparse.ArgumentParser) -> None:
+    parser.add_argument("--config", help="YAML config file (infra/configs/...)")
+    parser.add_argument("overrides", nargs="*", metavar="key=value",
+                        help="config overrides, e.g. optim.lr_per_32=2e-4 train.num_workers=2")
+
+
+def parse_job_args(parser: argparse.ArgumentParser, argv: list[str] | None) -> tuple[argparse.Namespace, Config]:
+    """Parse a job's flags plus `--config` and overrides; a bad config exits with one line."""
+    add_config_args(parser)
+    args = parser.parse_args(argv)
+    try:
+        cfg = load_config(args.config, args.overrides)
+    except ConfigError as err:
+        parser.exit(2, f"{parser.prog}: config error: {err}\n")
+    return args, cfg
