@@ -125,9 +125,6 @@ class Config:
                  for s, sub in self.to_dict().items()}
         return yaml.safe_dump(plain, sort_keys=False)
 
-    def replace(self, **sections: Any) -> Config:
-        return dataclasses.replace(self, **sections)
-
 
 def _coerce(key: str, value: Any, hint: Any) -> Any:
     """Check `value` against a field's type hint; return it in the field's type."""
@@ -269,18 +266,29 @@ def load_config(path: str | Path | None = None, overrides: list[str] | tuple[str
     return validate(_build(Config, tree, ""))
 
 
+def config_from_dict(tree: dict[str, Any]) -> Config:
+    """The inverse of `Config.to_dict()` (how the config travels to workers and checkpoints)."""
+    return validate(_build(Config, tree, ""))
+
+
 def add_config_args(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--config", help="YAML config file (infra/configs/...)")
     parser.add_argument("overrides", nargs="*", metavar="key=value",
                         help="config overrides, e.g. optim.lr_per_32=2e-4 train.num_workers=2")
 
 
-def parse_job_args(parser: argparse.ArgumentParser, argv: list[str] | None) -> tuple[argparse.Namespace, Config]:
-    """Parse a job's flags plus `--config` and overrides; a bad config exits with one line."""
+def parse_job_args(parser: argparse.ArgumentParser, argv: list[str] | None,
+                   flag_keys: dict[str, str] | None = None) -> tuple[argparse.Namespace, Config]:
+    """Parse a job's flags plus `--config` and overrides; a bad config exits with one line.
+
+    `flag_keys` maps a flag's dest to the config key it sets (e.g. init_from -> model.init_from).
+    """
     add_config_args(parser)
     args = parser.parse_args(argv)
+    flag_overrides = [f"{key}={getattr(args, dest)}" for dest, key in (flag_keys or {}).items()
+                      if getattr(args, dest) is not None]
     try:
-        cfg = load_config(args.config, args.overrides)
+        cfg = load_config(args.config, [*args.overrides, *flag_overrides])
     except ConfigError as err:
         parser.exit(2, f"{parser.prog}: config error: {err}\n")
     return args, cfg

@@ -1,0 +1,95 @@
+"""The training recipe's pieces (DESIGN.md §6): parameter groups, LR schedule, mixup/cutmix, EMA.
+
+Plain PyTorch functions, testable without Ray.
+"""
+
+from __future__ import annotations
+
+import copy
+import math
+
+import numpy as np
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+
+def is_no_decay(name: str, param: nn.Parameter) -> bool:
+    """Biases, norm parameters and the dynamic position-embedding convs get no weight decay."""
+    return param.ndim <= 1 or ".pos_embed." in f".{name}"
+
+
+def param_groups(model: nn.Module, weight_decay: float) -> list[dict]:
+    decay, no_decay = [], []
+    for name, param in model.named_parameters():
+        if param.requires_grad:
+            (no_decay if is_no_decay(name, param) else decay).append(param)
+    return [{"params": decay, "weight_decay": weight_decay}, {"params": no_decay, "weight_decay": 0.0}]
+
+
+def scaled_lr(lr_per_32: float, global_batch: int) -> float:
+    return lr_per_32 * global_batch / 32
+
+
+def warmup_cosine(step: int, *, warmup_steps: int, total_steps: int, base_lr: float, min_lr: float) -> float:
+    """Learning rate at `step`: linear warmup from 0, then cosine down to `min_lr`."""
+    if step < warmup_steps:
+        return base_lr * (step + 1) / warmup_steps
+    progress = min(1.0, (step - warmup_steps) / max(1, total_steps - warmup_steps))
+    return min_lr + 0.5 * (base_lr - min_lr) * (1 + math.cos(math.pi * progress))
+
+
+def smooth_one_hot(labels: torch.Tensor, num_classes: int, smoothing: float) -> torch.Tensor:
+    off = smoothing / num_classes
+    return torch.full((labels.numel(), num_classes), off, device=labels.device).scatter_(
+        1, labels.view(-1, 1), 1.0 - smoothing + off)
+
+
+def mix_batch(clips: torch.Tensor, labels: torch.Tensor, *, num_classes: int, mixup_alpha: float,
+              cutmix_alpha: float, prob: float, smoothing: float,
+              rng: np.random.Generator) -> tuple[torch.Tensor, torch.Tensor]:
+    """Mixup or cutmix (chosen at random when both are on) on the device; returns soft targets.
+
+    Clips are (B, C, T, H, W); cutmix cuts the same box out of every frame. The host-side `rng`
+    makes the draws reproducible without a device sync.
+    """
+    targets = smooth_one_hot(labels, num_classes, smoothing)
+    if (mixup_alpha == 0 and cutmix_alpha == 0) or rng.random() >= prob:
+        return clips, targets
+    use_cutmix = cutmix_alpha > 0 and (mixup_alpha == 0 or rng.random() < 0.5)
+    alpha = cutmix_alpha if use_cutmix else mixup_alpha
+    lam = float(rng.beta(alpha, alpha))
+    flipped = clips.flip(0)
+    if use_cutmix:
+        height, width = clips.shape[-2:]
+        cut = math.sqrt(1 - lam)
+        ch, cw = int(height * cut), int(width * cut)
+        cy, cx = int(rng.integers(height)), int(rng.integers(width))
+        y0, y1 = max(cy - ch // 2, 0), min(cy + ch // 2, height)
+        x0, x1 = max(cx - cw // 2, 0), min(cx + cw // 2, width)
+        clips = clips.clone()
+        clips[..., y0:y1, x0:x1] = flipped[..., y0:y1, x0:x1]
+        lam = 1 - (y1 - y0) * (x1 - x0) / (height * width)  # the area actually cut
+    else:
+        clips = clips * lam + flipped * (1 - lam)
+    return clips, targets * lam + targets.flip(0) * (1 - lam)
+
+
+def soft_cross_entropy(logits: torch.Tensor, targets: torch.Tensor) -> torch.Tensor:
+    return torch.sum(-targets * F.log_softmax(logits.float(), dim=-1), dim=-1).mean()
+
+
+class ModelEMA(nn.Module):
+    """Exponential moving average of a model's weights (buffers are copied)."""
+
+    def __init__(self, model: nn.Module, decay: float):
+        super().__init__()
+        self.module = copy.deepcopy(model).eval().requires_grad_(False)
+        self.decay = decay
+
+    @torch.no_grad()
+    def update(self, model: nn.Module) -> None:
+        for ema_p, p in zip(self.module.parameters(), model.parameters()):
+            ema_p.lerp_(p.detach(), 1 - self.decay)
+        for ema_b, b in zip(self.module.buffers(), model.buffers()):
+            ema_b.copy_(b)

@@ -1,0 +1,55 @@
+import numpy as np
+import pytest
+import torch
+
+from model import create_uniformer
+from pipeline import recipe
+
+
+def test_no_decay_on_biases_norms_and_position_embedding_convs():
+    model = create_uniformer("uniformer_xs", num_classes=6)
+    names = {name for name, p in model.named_parameters() if recipe.is_no_decay(name, p)}
+    pos_embed = {n for n, _ in model.named_parameters() if ".pos_embed." in n}
+    assert pos_embed and pos_embed <= names  # the DPE convs are really matched by name
+    assert {n for n, _ in model.named_parameters() if n.endswith(".bias")} <= names
+    assert {n for n, _ in model.named_parameters() if "norm" in n} <= names
+    assert "blocks1.0.attn.weight" not in names and "head.weight" not in names
+    decay, no_decay = recipe.param_groups(model, 0.05)
+    assert decay["weight_decay"] == 0.05 and no_decay["weight_decay"] == 0.0
+    assert len(decay["params"]) + len(no_decay["params"]) == len(list(model.parameters()))
+
+
+def test_warmup_then_cosine():
+    lr = [recipe.warmup_cosine(s, warmup_steps=10, total_steps=110, base_lr=1e-3, min_lr=1e-6) for s in range(111)]
+    assert lr[0] == pytest.approx(1e-4) and lr[9] == pytest.approx(1e-3)
+    assert lr[10] == pytest.approx(1e-3) and lr[110] == pytest.approx(1e-6)
+    assert all(a >= b for a, b in zip(lr[10:], lr[11:]))
+    assert recipe.scaled_lr(1e-4, 64) == pytest.approx(2e-4)
+
+
+@pytest.mark.parametrize("mixup, cutmix", [(0.8, 0.0), (0.0, 1.0), (0.8, 1.0)])
+def test_mix_batch_targets_are_distributions(mixup, cutmix):
+    clips = torch.rand(4, 3, 2, 32, 32)
+    labels = torch.tensor([0, 1, 2, 3])
+    mixed, targets = recipe.mix_batch(clips, labels, num_classes=5, mixup_alpha=mixup, cutmix_alpha=cutmix,
+                                      prob=1.0, smoothing=0.1, rng=np.random.default_rng(0))
+    assert mixed.shape == clips.shape and not torch.equal(mixed, clips)
+    torch.testing.assert_close(targets.sum(-1), torch.ones(4))
+    assert (targets[:, 4] > 0).all()  # label smoothing reaches every class
+
+
+def test_mix_batch_off_gives_smoothed_one_hot():
+    clips = torch.rand(2, 3, 2, 32, 32)
+    mixed, targets = recipe.mix_batch(clips, torch.tensor([1, 0]), num_classes=4, mixup_alpha=0, cutmix_alpha=0,
+                                      prob=1.0, smoothing=0.0, rng=np.random.default_rng(0))
+    assert mixed is clips and targets.tolist() == [[0, 1, 0, 0], [1, 0, 0, 0]]
+
+
+def test_ema_moves_towards_the_model():
+    model = torch.nn.Linear(3, 2)
+    ema = recipe.ModelEMA(model, decay=0.5)
+    with torch.no_grad():
+        model.weight.add_(1.0)
+    before = ema.module.weight.clone()
+    ema.update(model)
+    torch.testing.assert_close(ema.module.weight, before + 0.5)
