@@ -1,0 +1,104 @@
+"""pipeline.video: probing every broken kind, and transcodes that keep every n-th frame."""
+
+import io
+
+import av
+import numpy as np
+import pytest
+
+from pipeline.video import TranscodeError, output_size, probe_video, transcode_video
+from tests.pipeline.videos import KINDS, decode_all, make_frames, write_kind, write_video
+
+
+@pytest.fixture(scope="module")
+def kinds(tmp_path_factory):
+    folder = tmp_path_factory.mktemp("kinds")
+    return {kind: write_kind(folder, kind) for kind in KINDS}
+
+
+@pytest.mark.parametrize("kind", list(KINDS))
+def test_probe_status_of_every_kind(kinds, kind):
+    expected = KINDS[kind][1]
+    path = kinds[kind]
+    for src in (path, path.read_bytes(), io.BytesIO(path.read_bytes())):
+        info = probe_video(src, min_frames=16, min_side=32)
+        assert info["status"] == expected, (kind, info)
+        assert (info["reason"] == "") == (expected == "ok")
+        assert "\n" not in info["reason"]
+    assert probe_video(path, decode="all")["status"] == expected
+
+
+def test_probe_metadata(kinds):
+    good = probe_video(kinds["good"])
+    assert good["codec"] == "h264" and good["num_frames"] == 40 and good["fps"] == pytest.approx(30)
+    assert (good["width"], good["height"], good["pix_fmt"]) == (64, 48, "yuv420p")
+    assert good["duration_s"] == pytest.approx(40 / 30, rel=0.01) and not good["vfr"]
+    webm = probe_video(kinds["good_webm"])  # WebM does not store a frame count: packets are counted
+    assert (webm["codec"], webm["num_frames"]) == ("vp8", 24)
+    assert probe_video(kinds["odd_size"])[("width")] == 65
+    assert probe_video(kinds["vfr"])["vfr"] is True
+    assert probe_video(kinds["ten_bit"])["bit_depth"] == 10
+    assert "truncated" in probe_video(kinds["truncated"])["reason"]
+    assert probe_video(kinds["audio_only"])["reason"] == "no video stream (streams: audio)"
+    assert probe_video(kinds["tiny"])["reason"] == "24x16 is below the minimum side 32"
+    assert probe_video(kinds["short"])["reason"] == "6 frames is below the minimum 16"
+    assert probe_video(kinds["short"], min_frames=4)["status"] == "ok"
+
+
+def _keyframes(path) -> list[int]:
+    with av.open(str(path)) as container:
+        return [i for i, p in enumerate(container.demux(container.streams.video[0])) if p.size and p.is_keyframe]
+
+
+@pytest.mark.parametrize("stride", [1, 4])
+def test_transcode_keeps_every_nth_frame_with_increasing_pts(tmp_path, stride):
+    src = write_video(tmp_path / "src.mp4", make_frames(48), bframes=True)
+    original, _ = decode_all(src)
+    meta = transcode_video(src, tmp_path / "out.mp4", frame_stride=stride, keyframe_interval=4, crf=12)
+    frames, pts = decode_all(tmp_path / "out.mp4")
+    assert meta["num_frames"] == len(frames) == len(range(0, 48, stride)) and meta["source_frames"] == 48
+    assert all(b > a for a, b in zip(pts, pts[1:])), pts
+    assert meta["fps"] == pytest.approx(30 / stride)
+    assert _keyframes(tmp_path / "out.mp4") == list(range(0, len(frames), 4))
+    # Output frame j looks like original frame j * stride, and unlike its neighbours.
+    for j, frame in enumerate(frames):
+        errors = [np.abs(frame.astype(int) - o.astype(int)).mean() for o in original]
+        assert int(np.argmin(errors)) == j * stride, (j, np.round(errors, 1))
+        assert errors[j * stride] < 6
+
+
+def test_transcode_scales_short_side_to_even_dims(tmp_path):
+    src = write_video(tmp_path / "wide.mp4", make_frames(20, 96, 170), pix_fmt="yuv444p")
+    meta = transcode_video(src, tmp_path / "out.mp4", short_side=50)
+    info = probe_video(tmp_path / "out.mp4", min_frames=1)
+    assert (meta["width"], meta["height"]) == (info["width"], info["height"]) == (88, 50)
+    assert (info["codec"], info["pix_fmt"]) == ("h264", "yuv420p")
+    assert output_size(65, 49, None) == (64, 48)
+    assert output_size(100, 50, 200) == (100, 50)  # never upscales
+    assert output_size(1920, 1080, 320) == (568, 320)
+
+
+@pytest.mark.parametrize("kind", ["odd_size", "vfr", "ten_bit", "good_webm"])
+def test_transcode_handles_awkward_inputs(kinds, tmp_path, kind):
+    meta = transcode_video(kinds[kind].read_bytes(), tmp_path / "out.mp4", frame_stride=2)
+    info = probe_video(tmp_path / "out.mp4", min_frames=1)
+    assert info["status"] == "ok" and info["pix_fmt"] == "yuv420p"
+    assert info["width"] % 2 == 0 and info["height"] % 2 == 0
+    assert info["num_frames"] == meta["num_frames"] == (probe_video(kinds[kind])["num_frames"] + 1) // 2
+    assert not info["vfr"]
+    _, pts = decode_all(tmp_path / "out.mp4")
+    assert all(b > a for a, b in zip(pts, pts[1:]))
+
+
+@pytest.mark.parametrize("kind", ["not_video", "audio_only", "truncated_index"])
+def test_transcode_errors_are_one_line(kinds, tmp_path, kind):
+    with pytest.raises(TranscodeError) as info:
+        transcode_video(kinds[kind], tmp_path / "out.mp4")
+    assert "\n" not in str(info.value)
+
+
+def test_bad_arguments():
+    with pytest.raises(ValueError, match="frame_stride=0 must be at least 1"):
+        transcode_video(b"", "/tmp/never.mp4", frame_stride=0)
+    with pytest.raises(ValueError, match="decode='some' is not one of 'ends', 'all'"):
+        probe_video(b"x", decode="some")
