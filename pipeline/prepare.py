@@ -43,10 +43,6 @@ PARTS = "_parts"
 VIDEOS = "videos"
 # Results that depend on more than the source and the options are never cached.
 _NOT_CACHED = ("missing", "transcode_failed")
-# The driver's AWS settings travel to the Ray tasks (which may run on other nodes, or in workers
-# started before they were set); unset ones are left to each node's own chain (instance roles).
-AWS_ENV_VARS = ("AWS_ACCESS_KEY_ID", "AWS_SECRET_ACCESS_KEY", "AWS_SESSION_TOKEN", "AWS_PROFILE", "AWS_REGION",
-                "AWS_DEFAULT_REGION", "AWS_ENDPOINT_URL", "AWS_ENDPOINT_URL_S3", "AWS_CA_BUNDLE")
 _ANNOTATION_FIELDS = ("index", "label", "label_name", "split", "annotation")
 RESULT_FIELDS = tuple(n for n in mf.SCHEMA.names if n not in _ANNOTATION_FIELDS)
 
@@ -158,20 +154,6 @@ def prepare_batch(batch: pa.Table, *, options: PrepareOptions, storage: StorageC
 # The driver
 
 
-def init_ray() -> bool:
-    """Attach to `$RAY_ADDRESS` when set, else start a local instance; True when this call started it."""
-    import ray
-
-    if ray.is_initialized():
-        return False
-    address = os.environ.get("RAY_ADDRESS")
-    if address:
-        ray.init(address=address)
-    else:
-        ray.init(address="local", include_dashboard=False)
-    return True
-
-
 def source_uri(videos: str, path: str) -> str:
     """The URI of an annotation's video: absolute URIs and paths as they are, else under `videos`."""
     if "://" in path or path.startswith("/"):
@@ -228,8 +210,9 @@ def _run_on_ray(todo: list[dict[str, Any]], *, options: PrepareOptions, storage:
                 batch_size: int, concurrency: int, num_cpus: float) -> list[dict[str, Any]]:
     import ray.data
 
+    from pipeline.raycluster import init_ray
+
     started = init_ray()
-    env = {k: os.environ[k] for k in AWS_ENV_VARS if os.environ.get(k)}
     try:
         blocks = max(1, min(math.ceil(len(todo) / batch_size), 4096))
         ds = ray.data.from_items(todo, override_num_blocks=blocks)
@@ -237,7 +220,7 @@ def _run_on_ray(todo: list[dict[str, Any]], *, options: PrepareOptions, storage:
                             fn_kwargs={"options": options, "storage": storage, "parts_uri": parts_uri,
                                        "threads": max(1, int(num_cpus))},
                             compute=ray.data.TaskPoolStrategy(size=concurrency) if concurrency else None,
-                            num_cpus=num_cpus, runtime_env={"env_vars": env} if env else None)
+                            num_cpus=num_cpus)
         return ds.take_all()
     finally:
         if started:

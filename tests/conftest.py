@@ -9,6 +9,11 @@ import urllib.request
 
 import pytest
 
+# Fake credentials from the start, so that Ray workers started by any fixture inherit the same
+# environment as the moto S3 server's clients.
+os.environ.update(AWS_ACCESS_KEY_ID="testing-key-id", AWS_SECRET_ACCESS_KEY="testing-secret-value",
+                  AWS_DEFAULT_REGION="us-east-1")
+
 
 def free_port() -> int:
     with socket.socket() as sock:
@@ -32,25 +37,17 @@ def wait_for_http(url: str, timeout_s: float = 30.0) -> None:
 
 @pytest.fixture(scope="session")
 def s3_endpoint():
-    """moto's S3 server on a free loopback port, with test credentials in the environment."""
+    """moto's S3 server on a free loopback port (the test credentials are set above)."""
     port = free_port()
     proc = subprocess.Popen([sys.executable, "-m", "moto.server", "-H", "127.0.0.1", "-p", str(port)],
                             stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
     url = f"http://127.0.0.1:{port}"
-    saved = {k: os.environ.get(k) for k in ("AWS_ACCESS_KEY_ID", "AWS_SECRET_ACCESS_KEY", "AWS_DEFAULT_REGION")}
-    os.environ.update(AWS_ACCESS_KEY_ID="testing-key-id", AWS_SECRET_ACCESS_KEY="testing-secret-value",
-                      AWS_DEFAULT_REGION="us-east-1")
     try:
         wait_for_http(url)
         yield url
     finally:
         proc.terminate()
         proc.wait(timeout=10)
-        for key, value in saved.items():
-            if value is None:
-                os.environ.pop(key, None)
-            else:
-                os.environ[key] = value
 
 
 @pytest.fixture(scope="session")
