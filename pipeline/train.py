@@ -15,6 +15,7 @@ from pathlib import Path
 import numpy as np
 import pyarrow as pa
 import ray
+import ray.data
 import ray.train
 import ray.train.torch
 import torch
@@ -121,12 +122,16 @@ def load_checkpoint_state(checkpoint: ray.train.Checkpoint) -> dict:
 
 def train_loop_per_worker(loop_config: dict) -> None:
     cfg = config_from_dict(loop_config["config"])
+    # Per-worker Ray Data bars interleave into noise; rank 0 prints one line per epoch instead.
+    ray.data.DataContext.get_current().enable_progress_bars = False
     ctx = ray.train.get_context()
     rank, world = ctx.get_world_rank(), ctx.get_world_size()
     is_rank0 = rank == 0
     device = ray.train.torch.get_device()
     manifest = read_manifest(cfg.data.manifest, storage=cfg.storage)
-    train_rows, val_rows = split_rows(manifest, cfg.data.train_split), split_rows(manifest, cfg.data.val_split)
+    train_rows = split_rows(manifest, cfg.data.train_split)
+    # Validation takes every row of its split: unusable videos are counted, not skipped.
+    val_rows = manifest.filter(pa.compute.equal(manifest["split"], cfg.data.val_split))
 
     # Same init on every rank from the seed; DDP then broadcasts rank 0's weights anyway.
     torch.manual_seed(cfg.train.seed)
@@ -230,6 +235,10 @@ def train_loop_per_worker(loop_config: dict) -> None:
             if is_rank0:
                 tracking.log_metrics(client, run_id, {k: v for k, v in metrics.items() if k.startswith("val_")},
                                      step)
+        if is_rank0:
+            shown = {k: round(v, 4) if isinstance(v, float) else v for k, v in metrics.items()}
+            print(f"epoch {epoch}/{cfg.optim.epochs} step {step} loss {loss_sum / cfg.optim.grad_accum_steps:.4f} "
+                  f"{clips_done * world / step_s:.1f} clips/s {shown}", flush=True)
         with tempfile.TemporaryDirectory() as tmp:
             checkpoint = None
             if is_rank0 and (epoch % cfg.train.checkpoint_every_epochs == 0 or epoch == cfg.optim.epochs):
