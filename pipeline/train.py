@@ -169,86 +169,87 @@ def train_loop_per_worker(loop_config: dict) -> None:
             print(f"resumed from checkpoint at epoch {start_epoch}, step {step}")
     model = ray.train.torch.prepare_model(model)
     client = tracking.client_for(cfg) if is_rank0 else None
+    with tracking.system_metrics(cfg, run_id):
+        for epoch in range(start_epoch, cfg.optim.epochs):
+            # Every random draw derives from (seed, rank, epoch), so a resumed run repeats an uninterrupted one.
+            torch.manual_seed(cfg.train.seed * 100_003 + epoch * 1_009 + rank)
+            mix_rng = np.random.default_rng([cfg.train.seed, rank, epoch])
+            shard = worker_shard(train_rows, rank=rank, world=world, seed=cfg.train.seed, epoch=epoch, equal=True)
+            ds = build_clip_dataset(shard, split=cfg.data.train_split, data=cfg.data, storage=cfg.storage,
+                                    training=True, seed=cfg.train.seed, epoch=epoch)
+            batches = iter(ds.iter_torch_batches(batch_size=micro_batch, drop_last=True, prefetch_batches=2))
+            model.train()
+            for _ in range(epoch_steps):
+                t_step = time.perf_counter()
+                wait_s, loss_sum, skipped, clips_done = 0.0, 0.0, 0, 0
+                lr = recipe.warmup_cosine(step, warmup_steps=warmup_steps, total_steps=total_steps,
+                                          base_lr=base_lr, min_lr=cfg.optim.min_lr)
+                for group in optimizer.param_groups:
+                    group["lr"] = lr
+                for micro in range(cfg.optim.grad_accum_steps):
+                    t_wait = time.perf_counter()
+                    batch = next(batches)
+                    wait_s += time.perf_counter() - t_wait
+                    valid = batch["valid"].to(device)
+                    skipped += int((~valid).sum())
+                    clips = normalize_on_device(batch["clip"].to(device, non_blocking=True),
+                                                cfg.data.mean, cfg.data.std)
+                    labels = batch["label"].to(device)
+                    clips, targets = recipe.mix_batch(
+                        clips, labels, num_classes=cfg.model.num_classes, mixup_alpha=cfg.optim.mixup_alpha,
+                        cutmix_alpha=cfg.optim.cutmix_alpha, prob=cfg.optim.mixup_prob,
+                        smoothing=cfg.optim.label_smoothing, rng=mix_rng)
+                    # Every rank must run forward/backward for DDP, so unusable clips get zero weight.
+                    sync = micro == cfg.optim.grad_accum_steps - 1
+                    with (contextlib.nullcontext() if sync or world == 1 else model.no_sync()), autocast(cfg, device):
+                        logits = model(clips)
+                        per_clip = torch.sum(-targets * F.log_softmax(logits.float(), dim=-1), dim=-1)
+                        loss = (per_clip * valid).sum() / valid.sum().clamp(min=1)
+                        scaler.scale(loss / cfg.optim.grad_accum_steps).backward()
+                    loss_sum += loss.item()
+                    clips_done += labels.numel()
+                if cfg.optim.clip_grad_norm:
+                    scaler.unscale_(optimizer)
+                    torch.nn.utils.clip_grad_norm_(model.parameters(), cfg.optim.clip_grad_norm)
+                scaler.step(optimizer)
+                scaler.update()
+                optimizer.zero_grad(set_to_none=True)
+                if ema is not None:
+                    ema.update(model.module if hasattr(model, "module") else model)
+                step += 1
+                step_s = time.perf_counter() - t_step
+                if is_rank0:
+                    tracking.log_metrics(client, run_id, {
+                        "train_loss": loss_sum / cfg.optim.grad_accum_steps, "lr": lr,
+                        "clips_per_s": clips_done * world / step_s, "data_wait_fraction": wait_s / step_s,
+                        "skipped_clips": skipped, "epoch": epoch}, step)
 
-    for epoch in range(start_epoch, cfg.optim.epochs):
-        # Every random draw derives from (seed, rank, epoch), so a resumed run repeats an uninterrupted one.
-        torch.manual_seed(cfg.train.seed * 100_003 + epoch * 1_009 + rank)
-        mix_rng = np.random.default_rng([cfg.train.seed, rank, epoch])
-        shard = worker_shard(train_rows, rank=rank, world=world, seed=cfg.train.seed, epoch=epoch, equal=True)
-        ds = build_clip_dataset(shard, split=cfg.data.train_split, data=cfg.data, storage=cfg.storage,
-                                training=True, seed=cfg.train.seed, epoch=epoch)
-        batches = iter(ds.iter_torch_batches(batch_size=micro_batch, drop_last=True, prefetch_batches=2))
-        model.train()
-        for _ in range(epoch_steps):
-            t_step = time.perf_counter()
-            wait_s, loss_sum, skipped, clips_done = 0.0, 0.0, 0, 0
-            lr = recipe.warmup_cosine(step, warmup_steps=warmup_steps, total_steps=total_steps,
-                                      base_lr=base_lr, min_lr=cfg.optim.min_lr)
-            for group in optimizer.param_groups:
-                group["lr"] = lr
-            for micro in range(cfg.optim.grad_accum_steps):
-                t_wait = time.perf_counter()
-                batch = next(batches)
-                wait_s += time.perf_counter() - t_wait
-                valid = batch["valid"].to(device)
-                skipped += int((~valid).sum())
-                clips = normalize_on_device(batch["clip"].to(device, non_blocking=True), cfg.data.mean, cfg.data.std)
-                labels = batch["label"].to(device)
-                clips, targets = recipe.mix_batch(
-                    clips, labels, num_classes=cfg.model.num_classes, mixup_alpha=cfg.optim.mixup_alpha,
-                    cutmix_alpha=cfg.optim.cutmix_alpha, prob=cfg.optim.mixup_prob,
-                    smoothing=cfg.optim.label_smoothing, rng=mix_rng)
-                # Every rank must run forward/backward for DDP, so unusable clips get zero weight.
-                sync = micro == cfg.optim.grad_accum_steps - 1
-                with (contextlib.nullcontext() if sync or world == 1 else model.no_sync()), autocast(cfg, device):
-                    logits = model(clips)
-                    per_clip = torch.sum(-targets * F.log_softmax(logits.float(), dim=-1), dim=-1)
-                    loss = (per_clip * valid).sum() / valid.sum().clamp(min=1)
-                    scaler.scale(loss / cfg.optim.grad_accum_steps).backward()
-                loss_sum += loss.item()
-                clips_done += labels.numel()
-            if cfg.optim.clip_grad_norm:
-                scaler.unscale_(optimizer)
-                torch.nn.utils.clip_grad_norm_(model.parameters(), cfg.optim.clip_grad_norm)
-            scaler.step(optimizer)
-            scaler.update()
-            optimizer.zero_grad(set_to_none=True)
-            if ema is not None:
-                ema.update(model.module if hasattr(model, "module") else model)
-            step += 1
-            step_s = time.perf_counter() - t_step
+            epoch += 1
+            metrics = {"epoch": epoch, "step": step, cfg.train.checkpoint_metric: 0.0,
+                       **{k: v for k, v in last_val.items() if k != "confusion"}}
+            if epoch % cfg.train.val_every_epochs == 0 or epoch == cfg.optim.epochs:
+                eval_model = ema.module if ema is not None else model
+                val = validate(eval_model, cfg, worker_shard(val_rows, rank=rank, world=world, seed=0, epoch=0,
+                                                             equal=False), device)
+                last_val = val
+                metrics.update({k: v for k, v in val.items() if k != "confusion"})
+                if is_rank0:
+                    tracking.log_metrics(client, run_id, {k: v for k, v in metrics.items() if k.startswith("val_")},
+                                         step)
             if is_rank0:
-                tracking.log_metrics(client, run_id, {
-                    "train_loss": loss_sum / cfg.optim.grad_accum_steps, "lr": lr,
-                    "clips_per_s": clips_done * world / step_s, "data_wait_fraction": wait_s / step_s,
-                    "skipped_clips": skipped, "epoch": epoch}, step)
-
-        epoch += 1
-        metrics = {"epoch": epoch, "step": step, cfg.train.checkpoint_metric: 0.0,
-                   **{k: v for k, v in last_val.items() if k != "confusion"}}
-        if epoch % cfg.train.val_every_epochs == 0 or epoch == cfg.optim.epochs:
-            eval_model = ema.module if ema is not None else model
-            val = validate(eval_model, cfg, worker_shard(val_rows, rank=rank, world=world, seed=0, epoch=0,
-                                                         equal=False), device)
-            last_val = val
-            metrics.update({k: v for k, v in val.items() if k != "confusion"})
-            if is_rank0:
-                tracking.log_metrics(client, run_id, {k: v for k, v in metrics.items() if k.startswith("val_")},
-                                     step)
-        if is_rank0:
-            shown = {k: round(v, 4) if isinstance(v, float) else v for k, v in metrics.items()}
-            print(f"epoch {epoch}/{cfg.optim.epochs} step {step} loss {loss_sum / cfg.optim.grad_accum_steps:.4f} "
-                  f"{clips_done * world / step_s:.1f} clips/s {shown}", flush=True)
-        with tempfile.TemporaryDirectory() as tmp:
-            checkpoint = None
-            if is_rank0 and (epoch % cfg.train.checkpoint_every_epochs == 0 or epoch == cfg.optim.epochs):
-                unwrapped = model.module if hasattr(model, "module") else model
-                checkpoint = save_checkpoint(Path(tmp), {
-                    "model_state": unwrapped.state_dict(), "optimizer": optimizer.state_dict(),
-                    "scaler": scaler.state_dict(), "ema_state": ema.module.state_dict() if ema else None,
-                    "epoch": epoch, "step": step, "last_val": last_val, "mlflow_run_id": run_id,
-                    "config": cfg.to_dict()})
-            ray.train.report(metrics, checkpoint=checkpoint)
+                shown = {k: round(v, 4) if isinstance(v, float) else v for k, v in metrics.items()}
+                print(f"epoch {epoch}/{cfg.optim.epochs} step {step} loss {loss_sum / cfg.optim.grad_accum_steps:.4f} "
+                      f"{clips_done * world / step_s:.1f} clips/s {shown}", flush=True)
+            with tempfile.TemporaryDirectory() as tmp:
+                checkpoint = None
+                if is_rank0 and (epoch % cfg.train.checkpoint_every_epochs == 0 or epoch == cfg.optim.epochs):
+                    unwrapped = model.module if hasattr(model, "module") else model
+                    checkpoint = save_checkpoint(Path(tmp), {
+                        "model_state": unwrapped.state_dict(), "optimizer": optimizer.state_dict(),
+                        "scaler": scaler.state_dict(), "ema_state": ema.module.state_dict() if ema else None,
+                        "epoch": epoch, "step": step, "last_val": last_val, "mlflow_run_id": run_id,
+                        "config": cfg.to_dict()})
+                ray.train.report(metrics, checkpoint=checkpoint)
 
 
 def run_training(cfg: Config) -> dict:
@@ -259,6 +260,7 @@ def run_training(cfg: Config) -> dict:
     from pipeline.raycluster import init_ray
     from pipeline.storage import ray_storage
 
+    cfg = tracking.with_resolved_tracking(cfg)  # workers must log where the driver does
     if not cfg.data.manifest:
         raise ConfigError("data.manifest is not set: pass data.manifest=URI of a prepared dataset")
     manifest = read_manifest(cfg.data.manifest, storage=cfg.storage)  # fails here, before any Ray work
@@ -266,7 +268,7 @@ def run_training(cfg: Config) -> dict:
     if num_train < cfg.train.batch_size:
         raise ConfigError(f"data.manifest has {num_train} usable {cfg.data.train_split!r} videos, fewer than "
                           f"train.batch_size={cfg.train.batch_size}")
-    run_id = tracking.find_or_create_run(cfg)
+    run_id = tracking.find_or_create_run(cfg, manifest=manifest)
     init_ray()
     storage_path, storage_fs = ray_storage(cfg.train.storage_path, storage=cfg.storage)
     trainer = TorchTrainer(
@@ -284,6 +286,8 @@ def run_training(cfg: Config) -> dict:
     t0 = time.perf_counter()
     result = trainer.fit()
     state = load_checkpoint_state(result.checkpoint)
-    return {"run_id": run_id, "checkpoint": result.checkpoint.path, "epochs": state["epoch"],
+    models = tracking.finish_training_run(cfg, run_id, state, tracking.dataset_labels(cfg, manifest))
+    return {**models, "tracking_uri": tracking.tracking_uri(cfg), "checkpoint": result.checkpoint.path,
+            "epochs": state["epoch"],
             "steps": state["step"], "seconds": round(time.perf_counter() - t0, 1),
             **{k: v for k, v in state["last_val"].items() if k != "confusion"}}

@@ -1,0 +1,248 @@
+"""Multi-view evaluation of a trained classifier on one split of a manifest, logged to MLflow.
+
+Every video of the split is scored on `data.test_clips` x `data.test_crops` views (softmax scores
+summed); top-1, top-5, mean-class accuracy and the confusion matrix are over the videos that
+could be scored. Videos that could not (a manifest status other than ok, or no decodable view)
+are counted as unusable and listed, never replaced by other videos. The evaluation is an MLflow
+run nested under the training run it measures (tags `source_run_id`, `mlflow.parentRunId`).
+
+The model is `runs:/RUN_ID/video_classifier`, `models:/NAME@alias`, `models:/NAME/VERSION`, a
+downloaded model folder, or a training checkpoint (a folder with checkpoint.pt, or the file).
+"""
+
+from __future__ import annotations
+
+import csv
+import dataclasses
+import io
+import tempfile
+import time
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+
+from pipeline import tracking
+from pipeline.config import Config, DataConfig, config_from_dict
+
+# Data settings that belong to the model (how it was trained); a value set on the command line or
+# in the config file (one that differs from the default) still wins.
+MODEL_DATA_KEYS = ("sampling", "num_frames", "sampling_rate", "short_side", "crop_size", "mean", "std",
+                   "test_clips", "test_crops")
+
+
+class EvaluationError(ValueError):
+    """The model and the data cannot be evaluated together; the message says why."""
+
+
+@dataclass
+class LoadedModel:
+    net: Any  # torch.nn.Module in eval mode
+    preprocess: dict[str, Any]
+    labels: list[str] | None  # None: take the names from the manifest (checkpoints carry none)
+    source_run_id: str | None  # the training run, when known
+    model_uri: str
+
+
+def _source_run_of(client, model_uri: str) -> str | None:
+    try:
+        if model_uri.startswith("runs:/"):
+            return model_uri[len("runs:/"):].split("/", 1)[0]
+        ref = model_uri[len("models:/"):]
+        if ref.startswith("m-"):
+            return client.get_logged_model(ref.split("/", 1)[0]).source_run_id
+        name, sep, alias = ref.partition("@")
+        if sep:
+            return client.get_model_version_by_alias(name, alias).run_id
+        name, _, version = ref.partition("/")
+        return client.get_model_version(name, version).run_id
+    except Exception:  # noqa: BLE001 - the link is informative; the evaluation goes on without it
+        return None
+
+
+def load_model(cfg: Config, model_uri: str) -> LoadedModel:
+    """The network and its preprocessing from an MLflow model URI, a model folder or a checkpoint."""
+    import mlflow.artifacts
+    import torch
+
+    from pipeline import serving, storage
+
+    if model_uri.startswith(("runs:/", "models:/")):
+        client = tracking.client_for(cfg)
+        with tempfile.TemporaryDirectory() as tmp:
+            local = mlflow.artifacts.download_artifacts(artifact_uri=model_uri, dst_path=tmp,
+                                                        tracking_uri=client.tracking_uri)
+            net, preprocess, labels = serving.load_bundle(local)
+        return LoadedModel(net, preprocess, labels, _source_run_of(client, model_uri), model_uri)
+    if not storage.is_s3(model_uri) and (Path(storage.local_path(model_uri)) / "MLmodel").is_file():
+        net, preprocess, labels = serving.load_bundle(storage.local_path(model_uri))
+        return LoadedModel(net, preprocess, labels, None, model_uri)
+    target = model_uri if model_uri.endswith((".pt", ".pth")) else storage.join(model_uri, "checkpoint.pt")
+    state = torch.load(io.BytesIO(storage.read_bytes(target, storage=cfg.storage)), map_location="cpu",
+                       weights_only=False)
+    if not isinstance(state, dict) or "config" not in state or "model_state" not in state:
+        raise EvaluationError(f"{target} is not a training checkpoint (no config/model_state); pass runs:/..., "
+                              "models:/NAME@alias or a checkpoint folder written by `uniformer train`")
+    preprocess = serving.preprocess_config(config_from_dict(state["config"]))
+    net = serving.build_model(preprocess, state.get("ema_state") or state["model_state"])
+    return LoadedModel(net, preprocess, None, state.get("mlflow_run_id"), model_uri)
+
+
+def eval_data_config(cfg: Config, preprocess: dict[str, Any], views: tuple[int, int] | None = None) -> DataConfig:
+    """The model's preprocessing, with the data settings the user set explicitly on top."""
+    default = DataConfig()
+    model_values = {k: tuple(preprocess[k]) if isinstance(preprocess[k], list) else preprocess[k]
+                    for k in MODEL_DATA_KEYS if k in preprocess}
+    chosen = {k: v for k, v in model_values.items() if getattr(cfg.data, k) == getattr(default, k)}
+    data = dataclasses.replace(cfg.data, **chosen)
+    if views is not None:
+        data = dataclasses.replace(data, test_clips=views[0], test_crops=views[1])
+    return data
+
+
+def _check_labels(rows, labels: list[str]) -> None:
+    for label, name in zip(rows.column("label").to_pylist(), rows.column("label_name").to_pylist()):
+        if not 0 <= label < len(labels):
+            raise EvaluationError(f"the manifest has label {label} ({name!r}) but the model has {len(labels)} "
+                                  "classes; evaluate on data prepared with the model's labels.json")
+        if name and labels[label] != name:
+            raise EvaluationError(f"the manifest calls class {label} {name!r} but the model calls it "
+                                  f"{labels[label]!r}; evaluate on data prepared with the model's labels.json")
+
+
+def score_videos(net, table, *, split: str, data: DataConfig, cfg: Config, batch_size: int) -> dict[int, dict]:
+    """{video_id: {"scores": summed softmax (C,), "views": n, "label": int}} for every video of the split
+    with at least one decodable view; `video_id` is the row's index in `table`."""
+    import torch
+
+    from pipeline.clips import build_clip_dataset
+    from pipeline.raycluster import init_ray
+    from pipeline.transforms import normalize_on_device
+
+    init_ray()
+    device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    net = net.to(device).eval()
+    ds = build_clip_dataset(table, split=split, data=data, storage=cfg.storage, training=False, seed=0)
+    videos: dict[int, dict] = {}
+    for batch in ds.iter_batches(batch_size=batch_size, batch_format="numpy"):
+        valid = np.asarray(batch["valid"], dtype=bool)
+        if not valid.any():
+            continue
+        clips = torch.from_numpy(np.ascontiguousarray(batch["clip"][valid])).to(device)
+        with torch.inference_mode(), torch.autocast(device.type, dtype=torch.bfloat16, enabled=device.type == "cuda"):
+            probs = net(normalize_on_device(clips, data.mean, data.std)).float().softmax(dim=-1).cpu().numpy()
+        for video_id, label, p in zip(batch["video_id"][valid].tolist(), batch["label"][valid].tolist(), probs):
+            entry = videos.setdefault(video_id, {"scores": np.zeros(p.shape, np.float64), "views": 0,
+                                                 "label": int(label)})
+            entry["scores"] += p
+            entry["views"] += 1
+    return videos
+
+
+def metrics_from_scores(videos: dict[Any, dict], num_classes: int) -> tuple[dict[str, float], list[list[int]]]:
+    """top-1, top-5, mean-class accuracy and the confusion matrix (rows: true class)."""
+    confusion = np.zeros((num_classes, num_classes), dtype=np.int64)
+    top1 = top5 = 0
+    k = min(5, num_classes)
+    for entry in videos.values():
+        order = np.argsort(-entry["scores"], kind="stable")
+        label = entry["label"]
+        confusion[label, order[0]] += 1
+        top1 += int(order[0] == label)
+        top5 += int(label in order[:k])
+    n = max(len(videos), 1)
+    totals = confusion.sum(axis=1)
+    seen = totals > 0
+    mean_class = float((confusion.diagonal()[seen] / totals[seen]).mean()) if seen.any() else 0.0
+    return {"eval_top1": top1 / n, "eval_top5": top5 / n, "eval_mean_class": mean_class}, confusion.tolist()
+
+
+def evaluate(cfg: Config, model_uri: str, manifest_uri: str, *, split: str = "val",
+             views: tuple[int, int] | None = None, manifest=None, log: bool = True,
+             batch_size: int | None = None) -> dict[str, Any]:
+    """Evaluate `model_uri` on `split` of the manifest; log it as an MLflow run when `log`."""
+    import torch
+
+    from pipeline.manifest import manifest_hash, read_manifest
+
+    t0 = time.perf_counter()
+    loaded = load_model(cfg, model_uri)
+    table = manifest if manifest is not None else read_manifest(manifest_uri, storage=cfg.storage)
+    in_split = np.asarray([s == split for s in table.column("split").to_pylist()])
+    if not in_split.any():
+        splits = sorted(set(table.column("split").to_pylist()))
+        raise EvaluationError(f"{manifest_uri} has no {split!r} rows; splits: {', '.join(splits)}")
+    num_classes = int(loaded.preprocess["num_classes"])
+    labels = loaded.labels or tracking.labels_from_manifest(table, num_classes)
+    ok = in_split & np.asarray([s == "ok" for s in table.column("status").to_pylist()])
+    _check_labels(table.filter(ok), labels)
+    data = eval_data_config(cfg, loaded.preprocess, views)
+
+    videos = score_videos(loaded.net, table, split=split, data=data, cfg=cfg,
+                          batch_size=batch_size or (32 if torch.cuda.is_available() else 8))
+    unusable = [i for i in np.flatnonzero(in_split).tolist() if i not in videos]
+    metrics, confusion = metrics_from_scores(videos, num_classes)
+    metrics.update({"eval_videos": len(videos), "eval_unusable": len(unusable),
+                    "eval_views": data.test_clips * data.test_crops})
+    result: dict[str, Any] = {**metrics, "model_uri": model_uri, "manifest": manifest_uri,
+                              "manifest_hash": manifest_hash(table), "split": split, "test_clips": data.test_clips,
+                              "test_crops": data.test_crops, "source_run_id": loaded.source_run_id}
+    if log:
+        result["eval_run_id"] = log_evaluation(cfg, result, table=table, manifest_uri=manifest_uri, data=data,
+                                               labels=labels, confusion=confusion, unusable=unusable)
+    result["seconds"] = round(time.perf_counter() - t0, 1)
+    return result
+
+
+def unusable_csv(table, unusable: list[int]) -> str:
+    """path, status, reason of each unusable video (rows of `table`)."""
+    buf = io.StringIO()
+    writer = csv.writer(buf, lineterminator="\n")
+    writer.writerow(["path", "status", "reason"])
+    for i in unusable:
+        row = table.slice(i, 1).to_pylist()[0]
+        reason = row.get("reason") if row.get("status") != "ok" else "no view could be decoded at evaluation"
+        writer.writerow([row.get("path"), row.get("status"), reason])
+    return buf.getvalue()
+
+
+def log_evaluation(cfg: Config, result: dict[str, Any], *, table, manifest_uri: str, data: DataConfig,
+                   labels: list[str], confusion: list[list[int]], unusable: list[int]) -> str:
+    """One FINISHED run, nested under the training run when known, in that run's experiment."""
+    client = tracking.client_for(cfg)
+    source = result["source_run_id"]
+    exp_id, source_name = None, ""
+    if source:
+        try:
+            source_run = client.get_run(source)
+            exp_id, source_name = source_run.info.experiment_id, source_run.info.run_name
+        except Exception:  # noqa: BLE001 - a run of another server: log unlinked
+            source = None
+    exp_id = exp_id or tracking.experiment_id(client, cfg.tracking.experiment)
+    tags = {"job": "evaluate", "dataset": tracking.dataset_name(manifest_uri), "model_uri": result["model_uri"],
+            "code_version": tracking.code_version()}
+    if source:
+        tags.update({"source_run_id": source, "mlflow.parentRunId": source})
+    run = client.create_run(exp_id, run_name=f"evaluate-{source_name or 'model'}-{result['split']}",
+                            tags={k: tracking._param_value(v) for k, v in tags.items()})
+    run_id = run.info.run_id
+    try:
+        tracking.log_params(client, run_id, {
+            "model_uri": result["model_uri"], "eval.manifest_uri": tracking.manifest_file_uri(manifest_uri),
+            "eval.manifest_hash": result["manifest_hash"], "eval.split": result["split"],
+            "eval.test_clips": data.test_clips, "eval.test_crops": data.test_crops,
+            **{f"data.{k}": getattr(data, k) for k in MODEL_DATA_KEYS if k not in ("test_clips", "test_crops")}})
+        tracking.log_metrics(client, run_id, {k: v for k, v in result.items() if k.startswith("eval_")
+                                              and isinstance(v, (int, float))}, 0)
+        tracking.log_dataset_input(client, run_id, table, manifest_uri=manifest_uri, digest=result["manifest_hash"],
+                                   context="eval")
+        tracking.log_confusion(client, run_id, confusion, labels, prefix="eval_",
+                               title=f"{result['split']}: {data.test_clips} clips x {data.test_crops} crops")
+        if unusable:
+            tracking.log_text(client, run_id, unusable_csv(table, unusable), "eval_unusable.csv")
+    except Exception:
+        client.set_terminated(run_id, "FAILED")
+        raise
+    client.set_terminated(run_id, "FINISHED")
+    return run_id

@@ -1,0 +1,281 @@
+"""The logged models of a training: a PyTorch model and the pyfunc "video classifier".
+
+The video classifier takes a DataFrame with a `video` column (local path, `file://` or `s3://`
+URI, or the video's bytes) or a `video_bytes` column, decodes the test views the training
+recipe evaluates with (`test_clips` clips x `test_crops` crops at `short_side`), sums the
+softmax scores and returns per row `label`, `score` (top 1), `labels`, `scores` (top k, the
+`top_k` param, default 5) and `error` (empty, or why the video could not be scored).
+
+Everything it needs travels with it: the weights, the preprocessing config and the label names
+as artifacts, and the `model/` package plus the few `pipeline/` modules it uses as code, so
+`mlflow.pyfunc.load_model("models:/NAME@champion")` works in a fresh process with no training
+config. S3 endpoints and credentials come from the usual AWS environment variables.
+"""
+
+from __future__ import annotations
+
+import json
+import shutil
+import tempfile
+import warnings
+from importlib.metadata import PackageNotFoundError, version
+from pathlib import Path
+from typing import Any, Sequence
+
+import mlflow
+import mlflow.pyfunc
+import numpy as np
+
+PROJECT_ROOT = Path(__file__).resolve().parents[1]
+WEIGHTS, PREPROCESS, LABELS = "weights.pt", "preprocess.json", "labels.json"
+# The pipeline modules the classifier imports (directly or not); copied next to the model.
+SERVING_MODULES = ("__init__", "config", "storage", "decode", "sampling", "transforms", "serving")
+DEFAULT_TOP_K = 5
+_PIP_PACKAGES = ("torch", "numpy", "pandas", "av", "einops", "pyarrow", "boto3", "pyyaml", "mlflow")
+
+
+def preprocess_config(cfg) -> dict[str, Any]:
+    """What the classifier needs from a training config: the network and its test-time input."""
+    d = cfg.data
+    return {"variant": cfg.model.variant, "num_classes": cfg.model.num_classes, "sampling": d.sampling,
+            "num_frames": d.num_frames, "sampling_rate": d.sampling_rate, "short_side": d.short_side,
+            "crop_size": d.crop_size, "mean": list(d.mean), "std": list(d.std), "test_clips": d.test_clips,
+            "test_crops": d.test_crops}
+
+
+def pip_requirements() -> list[str]:
+    """Pinned to what is installed here (without local version labels such as `+cpu`)."""
+    reqs = []
+    for name in _PIP_PACKAGES:
+        try:
+            reqs.append(f"{name}=={version(name).split('+')[0]}")
+        except PackageNotFoundError:
+            reqs.append(name)
+    return reqs
+
+
+def build_model(preprocess: dict[str, Any], state_dict: dict | None = None):
+    """The network of `preprocess` in eval mode, with `state_dict` loaded strictly when given."""
+    from model import create_uniformer
+
+    net = create_uniformer(preprocess["variant"], num_classes=int(preprocess["num_classes"]))
+    if state_dict is not None:
+        net.load_state_dict(state_dict, strict=True)
+    return net.eval()
+
+
+# ---------------------------------------------------------------------------------------------
+# Test views of one video
+
+
+def sample_indices(num_video_frames: int, preprocess: dict[str, Any], *, clip_index: int, num_clips: int,
+                   frame_stride: int = 1) -> np.ndarray:
+    """Frame indices of test clip `clip_index` of `num_clips` (as `pipeline.clips` evaluates)."""
+    from pipeline.sampling import dense_indices, uniform_indices
+
+    if preprocess["sampling"] == "uniform":
+        return uniform_indices(num_video_frames, num_frames=int(preprocess["num_frames"]), clip_index=clip_index,
+                               num_clips=num_clips)
+    return dense_indices(num_video_frames, num_frames=int(preprocess["num_frames"]),
+                         sampling_rate=int(preprocess["sampling_rate"]), frame_stride=frame_stride,
+                         clip_index=clip_index, num_clips=num_clips)
+
+
+def video_views(src, preprocess: dict[str, Any], *, frame_stride: int = 1) -> np.ndarray:
+    """uint8 (V, T, crop, crop, 3): the `test_clips` x `test_crops` views of one video, exactly the
+    evaluation views of `pipeline.clips` (one demux pass, decoded at the short side, then cropped)."""
+    from pipeline.decode import VideoDecoder
+    from pipeline.transforms import center_crop, three_crops
+
+    num_clips, num_crops = int(preprocess["test_clips"]), int(preprocess["test_crops"])
+    t, crop = int(preprocess["num_frames"]), int(preprocess["crop_size"])
+    with VideoDecoder(src) as video:
+        windows = [sample_indices(video.num_frames, preprocess, clip_index=c, num_clips=num_clips,
+                                  frame_stride=frame_stride) for c in range(num_clips)]
+        frames = video.decode(np.concatenate(windows), size=int(preprocess["short_side"]))
+    views: list[np.ndarray] = []
+    for c in range(num_clips):
+        clip = frames[c * t:(c + 1) * t]
+        views += [center_crop(clip, size=crop)] if num_crops == 1 else three_crops(clip, size=crop)
+    return np.stack(views)
+
+
+def score_views(net, views_uint8: np.ndarray, preprocess: dict[str, Any], device) -> np.ndarray:
+    """Softmax scores (num_classes,) summed over the views of one video, divided by their number."""
+    import torch
+
+    from pipeline.transforms import normalize_on_device
+
+    batch = torch.from_numpy(np.ascontiguousarray(views_uint8)).to(device)
+    clips = normalize_on_device(batch, tuple(preprocess["mean"]), tuple(preprocess["std"]))
+    with torch.inference_mode(), torch.autocast(device.type, dtype=torch.bfloat16, enabled=device.type == "cuda"):
+        probs = net(clips).float().softmax(dim=-1)
+    return (probs.sum(dim=0) / probs.shape[0]).cpu().numpy()
+
+
+def top_k(scores: np.ndarray, labels: Sequence[str], k: int) -> tuple[list[str], list[float]]:
+    order = np.argsort(-scores, kind="stable")[: max(1, min(k, len(scores)))]
+    return [labels[i] for i in order], [round(float(scores[i]), 6) for i in order]
+
+
+# ---------------------------------------------------------------------------------------------
+# The pyfunc model
+
+
+def _video_source(value: Any):
+    """A local path or the bytes of one `video` / `video_bytes` value."""
+    from pipeline import storage
+
+    if isinstance(value, (bytes, bytearray, memoryview)):
+        if not len(value):
+            raise ValueError("empty video bytes")
+        return bytes(value)
+    if isinstance(value, str) and value:
+        # Local files are decoded in place; objects are fetched whole (one request, then seeks in memory).
+        return storage.read_bytes(value) if storage.is_s3(value) else storage.local_path(value)
+    raise ValueError(f"expected a video URI or bytes, got {type(value).__name__}")
+
+
+def _row_values(df) -> list[Any]:
+    if "video" not in df.columns and "video_bytes" not in df.columns:
+        raise ValueError(f"expected a `video` (URI or bytes) or `video_bytes` column, got {list(df.columns)}")
+    values = []
+    for i in range(len(df)):
+        value = df["video_bytes"].iloc[i] if "video_bytes" in df.columns else None
+        if value is None or (isinstance(value, float) and np.isnan(value)):
+            value = df["video"].iloc[i] if "video" in df.columns else None
+        values.append(value)
+    return values
+
+
+with warnings.catch_warnings():
+    # MLflow asks for type hints on `predict` for its own validation; the explicit signature does that.
+    warnings.simplefilter("ignore", UserWarning)
+
+    class VideoClassifier(mlflow.pyfunc.PythonModel):
+        """Video bytes or URIs in, top-k labels with scores out (see the module docstring)."""
+
+        def load_context(self, context) -> None:
+            import torch
+
+            self.preprocess = json.loads(Path(context.artifacts["preprocess"]).read_text())
+            self.labels = json.loads(Path(context.artifacts["labels"]).read_text())
+            state = torch.load(context.artifacts["weights"], map_location="cpu", weights_only=True)
+            self.device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
+            self.net = build_model(self.preprocess, state).to(self.device)
+
+        def predict(self, context, model_input, params: dict[str, Any] | None = None):
+            import pandas as pd
+
+            k = int((params or {}).get("top_k") or DEFAULT_TOP_K)
+            if not isinstance(model_input, pd.DataFrame):
+                model_input = pd.DataFrame({"video": list(model_input)})
+            out = []
+            for value in _row_values(model_input):
+                name = value if isinstance(value, str) else f"<{len(value) if value is not None else 0} bytes>"
+                try:
+                    views = video_views(_video_source(value), self.preprocess)
+                    labels, scores = top_k(score_views(self.net, views, self.preprocess, self.device), self.labels, k)
+                    out.append({"video": name, "label": labels[0], "score": scores[0], "labels": labels,
+                                "scores": scores, "error": ""})
+                except Exception as err:  # noqa: BLE001 - one bad video must not fail the others
+                    line = (str(err).strip().splitlines() or [""])[0][:300]
+                    out.append({"video": name, "label": "", "score": float("nan"), "labels": [], "scores": [],
+                                "error": f"{type(err).__name__}: {line}"})
+            return pd.DataFrame(out, columns=["video", "label", "score", "labels", "scores", "error"])
+
+
+# ---------------------------------------------------------------------------------------------
+# Logging both models (inside an active run)
+
+
+def _stage_code(folder: Path) -> list[str]:
+    """Copies of `model/` and the serving modules of `pipeline/`, as packages, for `code_paths`."""
+    model_dir = folder / "model"
+    shutil.copytree(PROJECT_ROOT / "model", model_dir, ignore=shutil.ignore_patterns("__pycache__", "*.pyc"))
+    pipeline_dir = folder / "pipeline"
+    pipeline_dir.mkdir()
+    for module in SERVING_MODULES:
+        shutil.copy2(PROJECT_ROOT / "pipeline" / f"{module}.py", pipeline_dir / f"{module}.py")
+    return [str(model_dir), str(pipeline_dir)]
+
+
+def pytorch_signature(preprocess: dict[str, Any]):
+    from mlflow.models import ModelSignature
+    from mlflow.types import Schema, TensorSpec
+
+    t, c = int(preprocess["num_frames"]), int(preprocess["num_classes"])
+    # Height and width are free (any multiple of 32; trained at crop_size); time is the trained clip length.
+    # Unnamed tensors: a named one makes serving inputs a dict, which the PyTorch flavour refuses.
+    return ModelSignature(inputs=Schema([TensorSpec(np.dtype(np.float32), (-1, 3, t, -1, -1))]),
+                          outputs=Schema([TensorSpec(np.dtype(np.float32), (-1, c))]))
+
+
+def log_pytorch_model(state_dict: dict, preprocess: dict[str, Any], labels: Sequence[str], *, name: str):
+    """The network as a pickled PyTorch model (`mlflow.pytorch`), with its code (`model/`), a tensor
+    signature (B, 3, T, H, W) -> (B, num_classes) and a small input example (a mid-grey clip at the
+    smallest legal size: an example at the full crop would be tens of MB of JSON)."""
+    import mlflow.pytorch
+
+    net = build_model(preprocess, state_dict)
+    example = np.zeros((1, 3, int(preprocess["num_frames"]), 32, 32), dtype=np.float32)
+    with tempfile.TemporaryDirectory() as tmp:
+        code = _stage_code(Path(tmp))[:1]
+        return mlflow.pytorch.log_model(
+            net, name=name, serialization_format="pickle", code_paths=code, signature=pytorch_signature(preprocess),
+            input_example=example, pip_requirements=pip_requirements(),
+            metadata={"preprocess": preprocess, "labels": list(labels)})
+
+
+def pyfunc_signature():
+    from mlflow.models import ModelSignature
+    from mlflow.types import ColSpec, DataType, ParamSchema, ParamSpec, Schema
+    from mlflow.types.schema import Array
+
+    return ModelSignature(
+        inputs=Schema([ColSpec(DataType.string, "video", required=False),
+                       ColSpec(DataType.binary, "video_bytes", required=False)]),
+        outputs=Schema([ColSpec(DataType.string, "video"), ColSpec(DataType.string, "label"),
+                        ColSpec(DataType.double, "score"), ColSpec(Array(DataType.string), "labels"),
+                        ColSpec(Array(DataType.double), "scores"), ColSpec(DataType.string, "error")]),
+        params=ParamSchema([ParamSpec("top_k", DataType.long, DEFAULT_TOP_K)]))
+
+
+def log_pyfunc_model(state_dict: dict, preprocess: dict[str, Any], labels: Sequence[str], *, name: str,
+                     metadata: dict[str, Any] | None = None):
+    """The video classifier, its weights, preprocessing config and label names as artifacts."""
+    import torch
+
+    with tempfile.TemporaryDirectory() as tmp:
+        folder = Path(tmp)
+        torch.save({k: v.detach().cpu() for k, v in state_dict.items()}, folder / WEIGHTS)
+        (folder / PREPROCESS).write_text(json.dumps(preprocess, indent=1) + "\n")
+        (folder / LABELS).write_text(json.dumps(list(labels), indent=1) + "\n")
+        code = _stage_code(folder / "code")
+        with warnings.catch_warnings():
+            # "add type hints to predict" and "no input example": the explicit signature covers both,
+            # and an example would have to be a video file every reader of the model can reach.
+            warnings.simplefilter("ignore", UserWarning)
+            return mlflow.pyfunc.log_model(
+                name=name, python_model=VideoClassifier(), code_paths=code, signature=pyfunc_signature(),
+                artifacts={"weights": str(folder / WEIGHTS), "preprocess": str(folder / PREPROCESS),
+                           "labels": str(folder / LABELS)},
+                pip_requirements=pip_requirements(), metadata={"preprocess": preprocess, **(metadata or {})})
+
+
+# ---------------------------------------------------------------------------------------------
+# Reading a logged classifier back without the pyfunc machinery (evaluation)
+
+
+def load_bundle(model_dir: str | Path):
+    """(network, preprocess, labels) from a downloaded video-classifier model folder."""
+    import torch
+
+    artifacts = Path(model_dir) / "artifacts"
+    if not (artifacts / PREPROCESS).is_file():
+        raise ValueError(f"{model_dir} is not a video-classifier model (no artifacts/{PREPROCESS}); "
+                         "pass the pyfunc model logged by training (…/video_classifier) or a checkpoint")
+    preprocess = json.loads((artifacts / PREPROCESS).read_text())
+    labels = json.loads((artifacts / LABELS).read_text())
+    state = torch.load(artifacts / WEIGHTS, map_location="cpu", weights_only=True)
+    return build_model(preprocess, state), preprocess, labels

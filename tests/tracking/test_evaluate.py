@@ -1,0 +1,102 @@
+"""Multi-view evaluation on Ray Data (CPU), its MLflow run, and promotion gates that need it: the
+champion evaluated on the challenger's manifest, and a refusal when that manifest has changed."""
+
+from __future__ import annotations
+
+import json
+
+import pytest
+import torch
+
+from jobs import evaluate as evaluate_job
+from jobs import promote as promote_job
+from pipeline import registry, tracking
+from pipeline.evaluate import EvaluationError, evaluate
+from pipeline.manifest import manifest_hash, read_manifest, write_manifest
+from tests.tracking.conftest import fake_training, tiny_config
+
+
+def _manifest_variant(tiny_videos, folder, extra_rows: int) -> str:
+    """The same val split with `extra_rows` more train rows: another manifest hash."""
+    rows = list(tiny_videos["rows"])
+    for i in range(extra_rows):
+        rows.append({**rows[0], "index": len(rows), "split": "train"})
+    write_manifest(rows, str(folder))
+    return str(folder)
+
+
+def test_evaluate_register_and_promote_against_an_evaluated_champion(ray_local, embedded, tiny_videos, tmp_path,
+                                                                     capsys):
+    name = "uniformer-eval"
+    cfg = tiny_config(manifest=tiny_videos["manifest"])
+    run_a = fake_training(cfg, val_top1=0.5, seed=0)
+
+    # The CLI: multi-view test of the logged classifier, one JSON line at the end.
+    evaluate_job.main(["--model", f"runs:/{run_a}/video_classifier", "--manifest", tiny_videos["manifest"],
+                       "--split", "val"])
+    result = json.loads(capsys.readouterr().out.strip().splitlines()[-1])
+    assert result["eval_videos"] == 3 and result["eval_unusable"] == 2  # never replaced by other videos
+    assert result["eval_views"] == 2 and result["test_clips"] == 2 and result["source_run_id"] == run_a
+    assert 0 <= result["eval_top1"] <= result["eval_top5"] <= 1 and 0 <= result["eval_mean_class"] <= 1
+    client = tracking.client_for(cfg)
+    eval_run = client.get_run(result["eval_run_id"])
+    assert eval_run.data.tags["mlflow.parentRunId"] == run_a and eval_run.data.tags["job"] == "evaluate"
+    assert eval_run.data.params["eval.manifest_hash"] == result["manifest_hash"]
+    assert eval_run.data.metrics["eval_top1"] == result["eval_top1"]
+    artifacts = {a.path for a in client.list_artifacts(eval_run.info.run_id)}
+    assert artifacts == {"eval_confusion_matrix.png", "eval_per_class_accuracy.csv", "eval_unusable.csv"}
+    unusable = open(client.download_artifacts(eval_run.info.run_id, "eval_unusable.csv")).read()
+    assert "broken.mp4,unreadable,moov atom not found" in unusable and "garbage.mp4,ok," in unusable
+
+    # The same weights from a training checkpoint give the same scores.
+    checkpoint = tmp_path / "checkpoint"
+    checkpoint.mkdir()
+    torch.manual_seed(0)
+    from model import create_uniformer
+
+    state = {"model_state": create_uniformer("uniformer_xs", num_classes=3).state_dict(), "ema_state": None,
+             "config": cfg.to_dict(), "mlflow_run_id": run_a}
+    torch.save(state, checkpoint / "checkpoint.pt")
+    from_checkpoint = evaluate(cfg, str(checkpoint), tiny_videos["manifest"], split="val", log=False)
+    assert from_checkpoint["eval_top1"] == result["eval_top1"]
+
+    first = registry.register(cfg, run_a, name)
+    assert first["eval_top1"] == result["eval_top1"]  # the run's evaluation travels with the version
+    assert registry.promote(cfg, name)["decision"] == "promoted"
+
+    # A challenger validated on another manifest: the champion is evaluated on it (1 view, as validation).
+    manifest_b = _manifest_variant(tiny_videos, tmp_path / "prepared_b", extra_rows=1)
+    cfg_b = tiny_config(manifest=manifest_b)
+    registry.register(cfg_b, fake_training(cfg_b, val_top1=1.0, seed=1), name)
+    decision = registry.promote(cfg_b, name, min_delta=0.0)
+    assert decision["decision"] == "promoted", decision
+    assert decision["champion"]["evaluated_now"] and 0 <= decision["champion"]["val_top1"] <= 1
+    digest = manifest_hash(read_manifest(manifest_b))
+    assert f"metric.{digest[:12]}.val.val_top1" in client.get_model_version(name, "1").tags
+
+    # A challenger whose manifest changed after it was measured: refused, champion kept.
+    manifest_c = _manifest_variant(tiny_videos, tmp_path / "prepared_c", extra_rows=2)
+    cfg_c = tiny_config(manifest=manifest_c)
+    registry.register(cfg_c, fake_training(cfg_c, val_top1=1.0, seed=2), name)
+    _manifest_variant(tiny_videos, tmp_path / "prepared_c", extra_rows=3)
+    capsys.readouterr()
+    with pytest.raises(SystemExit) as exited:  # `uniformer promote`: the JSON line, then exit status 1
+        promote_job.main(["--name", name])
+    assert exited.value.code == 1
+    refused = json.loads(capsys.readouterr().out.strip().splitlines()[-1])
+    assert refused["decision"] == "refused" and "has changed" in refused["reason"]
+    assert str(client.get_model_version_by_alias(name, "champion").version) == "2"
+    assert client.get_model_version(name, "3").tags["promotion.decision"] == "refused"
+
+
+def test_evaluate_refuses_a_manifest_with_other_labels(embedded, tiny_videos, tmp_path):
+    cfg = tiny_config(manifest=tiny_videos["manifest"])
+    checkpoint = tmp_path / "checkpoint.pt"
+    from model import create_uniformer
+
+    torch.save({"model_state": create_uniformer("uniformer_xs", num_classes=2).state_dict(),
+                "config": tiny_config(extra=("model.num_classes=2",)).to_dict()}, checkpoint)
+    with pytest.raises(EvaluationError, match="the model has 2 classes"):
+        evaluate(cfg, str(checkpoint), tiny_videos["manifest"], split="val", log=False)
+    with pytest.raises(EvaluationError, match="no 'test' rows; splits: train, val"):
+        evaluate(cfg, str(checkpoint), tiny_videos["manifest"], split="test", log=False)

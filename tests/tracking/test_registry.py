@@ -1,0 +1,28 @@
+"""Registry and tracking errors name the problem and the fix."""
+
+from __future__ import annotations
+
+import pytest
+
+from pipeline import registry, tracking
+from tests.tracking.conftest import LABELS, tiny_config
+
+
+def test_registry_errors_say_what_to_do(embedded):
+    cfg = tiny_config()
+    with pytest.raises(registry.RegistryError, match="has no 'challenger' version; register one with"):
+        registry.promote(cfg, "never-registered")
+    with pytest.raises(registry.RegistryError, match="no run 'nope' at sqlite:"):
+        registry.register(cfg, "nope", "x")
+    unfinished = tracking.find_or_create_run(cfg)
+    with pytest.raises(registry.RegistryError, match="has no logged model 'video_classifier': was the training "
+                                                     "finished"):
+        registry.register(cfg, unfinished, "x")
+    with pytest.raises(registry.RegistryError, match="'loss' is not a validation or evaluation metric"):
+        registry.promote(cfg, "x", metric="loss")
+
+
+def test_finish_training_run_wants_one_label_per_class(embedded):
+    cfg = tiny_config()
+    with pytest.raises(ValueError, match="2 labels for a model of model.num_classes=3"):
+        tracking.finish_training_run(cfg, "unused", {"model_state": {}}, LABELS[:2])

@@ -1,0 +1,96 @@
+"""Run bookkeeping on the embedded default: what a new run records, resume, secrets, system metrics."""
+
+from __future__ import annotations
+
+import time
+
+import pytest
+
+from pipeline import tracking
+from tests.tracking.conftest import tiny_config
+
+
+def test_redact_masks_secret_env_values_and_url_passwords(monkeypatch):
+    monkeypatch.setenv("AWS_SECRET_ACCESS_KEY", "supersecret-xyz")
+    monkeypatch.setenv("MLFLOW_TRACKING_PASSWORD", "hunter2-pw")
+    monkeypatch.setenv("RAY_AUTH_MODE", "token")  # short, not secret-looking values stay
+    text = "key supersecret-xyz at https://alice:hunter2-pw@mlflow.example/ and http://bob:pa55word@h:5000/x token"
+    out = tracking.redact(text)
+    assert "supersecret-xyz" not in out and "hunter2-pw" not in out and "pa55word" not in out
+    assert "https://alice:***@mlflow.example/" in out and "http://bob:***@h:5000/x" in out
+    assert out.endswith(" token")
+
+
+def test_model_cost_matches_the_paper():
+    cost = tracking.model_cost("uniformer_s", 400, num_frames=16, crop_size=224)
+    assert round(cost["param_count"] / 1e6, 2) == 21.40
+    assert abs(cost["gmacs_per_clip"] - 41.7) < 0.1
+
+
+def test_new_run_records_config_dataset_model_and_code(embedded, tiny_videos):
+    cfg = tiny_config(manifest=tiny_videos["manifest"])
+    run_id = tracking.find_or_create_run(cfg)
+    assert tracking.tracking_uri(cfg) == f"sqlite:///{embedded / 'mlflow.db'}"
+    client = tracking.client_for(cfg)
+    run = client.get_run(run_id)
+    params, tags = run.data.params, run.data.tags
+    assert params["model.variant"] == "uniformer_xs" and params["data.num_frames"] == "8"
+    assert len(params["data.manifest_hash"]) == 64
+    assert params["data.count.train.ok"] == "6" and params["data.count.val.ok"] == "4"
+    assert params["data.count.val.unreadable"] == "1"
+    assert params["data.manifest_uri"].endswith("prepared/manifest.parquet")
+    assert int(params["model.param_count"]) > 1_000_000 and float(params["model.gmacs_per_clip"]) > 0
+    assert params["code.version"].startswith(("git:", "uniformer-ray==")) or params["code.version"] == "unknown"
+    assert tags["job"] == "train" and tags["variant"] == "uniformer_xs" and tags["dataset"] == "prepared"
+    (dataset_input,) = run.inputs.dataset_inputs
+    assert dataset_input.dataset.name == "prepared"
+    assert "prepared/manifest.parquet" in dataset_input.dataset.source
+    assert {t.key: t.value for t in dataset_input.tags}["mlflow.data.context"] == "train"
+    assert [a.path for a in client.list_artifacts(run_id)] == ["config.yaml"]
+    assert run.info.artifact_uri.startswith((embedded / "mlartifacts").as_uri())
+
+
+def test_a_resumed_training_continues_its_run(embedded):
+    cfg = tiny_config(run_name="resumable")
+    first = tracking.find_or_create_run(cfg)
+    assert tracking.find_or_create_run(cfg) == first  # a resume (or a restarted driver)
+    client = tracking.client_for(cfg)
+    client.set_terminated(first, "FAILED")  # a crashed driver, then a resume
+    assert tracking.find_or_create_run(cfg) == first
+    assert client.get_run(first).info.status == "RUNNING"
+    client.set_terminated(first, "FINISHED")  # then trained further under the same name
+    assert tracking.find_or_create_run(cfg) == first
+    assert client.get_run(first).info.status == "RUNNING"
+    assert tracking.find_or_create_run(tiny_config(run_name="other")) != first
+
+
+def test_system_metrics_come_from_local_rank_zero_only(embedded):
+    cfg = tiny_config(run_name="sysmetrics", extra=("tracking.system_metrics=true",))
+    run_id = tracking.find_or_create_run(cfg)
+    with tracking.system_metrics(cfg, run_id, local_rank=1, node_rank=0, sampling_interval_s=0.2):
+        time.sleep(0.6)
+    with tracking.system_metrics(tiny_config(run_name="sysmetrics"), run_id, local_rank=0, node_rank=0,
+                                 sampling_interval_s=0.2):
+        time.sleep(0.6)
+    client = tracking.client_for(cfg)
+    assert not [k for k in client.get_run(run_id).data.metrics if k.startswith("system/")]
+    with tracking.system_metrics(cfg, run_id, local_rank=0, node_rank=1, sampling_interval_s=0.2):
+        time.sleep(1.5)
+    keys = [k for k in client.get_run(run_id).data.metrics if k.startswith("system/")]
+    assert "system/node_1/cpu_utilization_percentage" in keys
+    assert all(k.startswith("system/node_1/") for k in keys)
+
+
+def test_dataset_labels_come_from_labels_json_else_the_manifest(tiny_videos, tmp_path):
+    import json
+    import shutil
+
+    cfg = tiny_config(manifest=tiny_videos["manifest"])
+    assert tracking.dataset_labels(cfg) == tiny_videos["labels"]
+    folder = tmp_path / "prepared"
+    shutil.copytree(tiny_videos["manifest"], folder)
+    (folder / "labels.json").write_text(json.dumps(["a", "b"]))
+    assert tracking.dataset_labels(tiny_config(manifest=str(folder))) == ["a", "b", "class_2"]
+    (folder / "labels.json").write_text(json.dumps(["a", "b", "c", "d"]))
+    with pytest.raises(ValueError, match="names 4 classes but model.num_classes=3; set model.num_classes=4"):
+        tracking.dataset_labels(tiny_config(manifest=str(folder)))
