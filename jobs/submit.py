@@ -1,0 +1,67 @@
+"""`uniformer submit JOB [job args ...] --address http://HEAD:8265 [--env KEY ...] [--pip] [--no-wait]`
+
+Runs `python -m jobs.JOB [job args ...]` on a Ray cluster through its Jobs API, with this checkout
+as the working directory and the MLflow / S3 variables of this shell (names printed, values never),
+streams the job's logs and exits with its status (0 SUCCEEDED, 1 otherwise). Ends with one JSON line.
+
+  uniformer submit train --config infra/configs/k400_uniformer_s16x4.yaml \\
+      data.manifest=s3://bucket/k400/prepared --address http://head:8265
+
+Options of submit may stand anywhere; everything else (and everything after `--`) goes to the job.
+The head's token: RAY_AUTH_MODE=token plus RAY_AUTH_TOKEN, RAY_AUTH_TOKEN_PATH or ~/.ray/auth_token.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import sys
+
+from pipeline.submit import FORWARDED_ENV, Submission, SubmitError, known_jobs, submit
+
+
+def build_parser() -> argparse.ArgumentParser:
+    p = argparse.ArgumentParser(prog="uniformer submit", description=__doc__.split("\n\n")[0],
+                                epilog=f"forwarded when set: {', '.join(FORWARDED_ENV)}",
+                                allow_abbrev=False, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("job", choices=known_jobs(), metavar="JOB", help=f"one of {', '.join(known_jobs())}")
+    p.add_argument("--address", default="", help="the head's Jobs API, http://HEAD:8265 "
+                   "(default: $RAY_API_SERVER_ADDRESS, else $RAY_ADDRESS)")
+    p.add_argument("--env", action="append", default=[], metavar="KEY[=VALUE]",
+                   help="forward one more variable (repeatable); its value is never printed")
+    p.add_argument("--pip", action="store_true",
+                   help="install pyproject.toml's dependencies in the job's runtime env (default: the "
+                   "cluster image has them)")
+    p.add_argument("--no-wait", action="store_true", help="return after submitting; do not follow the logs")
+    p.add_argument("--submission-id", default="", help="job id (default: uniformer-JOB-<time>-<random>)")
+    return p
+
+
+def split_argv(argv: list[str]) -> tuple[argparse.Namespace, list[str]]:
+    """Submit's own options (anywhere) and the job's arguments (the rest, in order)."""
+    parser = build_parser()
+    head, tail = (argv[:argv.index("--")], argv[argv.index("--") + 1:]) if "--" in argv else (argv, [])
+    args, job_args = parser.parse_known_args(head)
+    return args, [*job_args, *tail]
+
+
+def main(argv: list[str] | None = None) -> dict:
+    argv = sys.argv[1:] if argv is None else argv
+    args, job_args = split_argv(argv)
+    sub = Submission(job=args.job, args=tuple(job_args), address=args.address, env_names=tuple(args.env),
+                     include_pip=args.pip, submission_id=args.submission_id, wait=not args.no_wait)
+    try:
+        summary = submit(sub)
+    except SubmitError as err:
+        print(f"uniformer submit: error: {err}", file=sys.stderr)
+        raise SystemExit(1) from None
+    print(json.dumps(summary), flush=True)
+    if summary["status"] == "RUNNING":  # Ctrl-C while following: the job goes on
+        raise SystemExit(130)
+    if summary["status"] != ("PENDING" if args.no_wait else "SUCCEEDED"):
+        raise SystemExit(1)
+    return summary
+
+
+if __name__ == "__main__":
+    main()

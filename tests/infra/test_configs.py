@@ -1,0 +1,93 @@
+"""Every config under infra/configs loads; the published recipes (DESIGN.md §6) hold the paper's
+values; the commands in each recipe's header are valid commands of this project."""
+
+import shlex
+from pathlib import Path
+
+import pytest
+
+from pipeline.config import load_config
+
+ROOT = Path(__file__).resolve().parents[2]
+CONFIGS = ROOT / "infra" / "configs"
+ALL_CONFIGS = sorted(CONFIGS.rglob("*.yaml"))
+
+K400 = dict(sampling="dense", sampling_rate=4, hflip=True, test_clips=4, test_crops=1, num_classes=400,
+            lr_per_32=1e-4, epochs=110, warmup_epochs=10, min_lr=1e-6, clip_grad_norm=20.0, mixup_alpha=0.8,
+            cutmix_alpha=1.0, label_smoothing=0.1, repeated_aug=2, short_side=224, crop_size=224)
+SSV2 = dict(sampling="uniform", hflip=False, test_clips=1, test_crops=3, num_classes=174, lr_per_32=2e-4)
+RECIPES = {
+    "k400_uniformer_s16x4.yaml": dict(K400, variant="uniformer_s", num_frames=16, drop_path_rate=0.1),
+    "k400_uniformer_b16x4.yaml": dict(K400, variant="uniformer_b", num_frames=16, drop_path_rate=0.3),
+    "k400_uniformer_b32x4.yaml": dict(K400, variant="uniformer_b", num_frames=32, drop_path_rate=0.3),
+    "ssv2_uniformer_s16.yaml": dict(SSV2, variant="uniformer_s", num_frames=16, drop_path_rate=0.1),
+    "ssv2_uniformer_b16.yaml": dict(SSV2, variant="uniformer_b", num_frames=16, drop_path_rate=0.3),
+}
+
+
+def flat(cfg) -> dict:
+    return {key.split(".", 1)[1]: value for key, value in cfg.to_flat_dict().items()}
+
+
+def header_command(path: Path, program: str) -> list[str]:
+    """The `uniformer <program> ...` command in the file's leading comment, continuation lines joined."""
+    lines = []
+    for line in path.read_text().splitlines():
+        if not line.startswith("#"):
+            break
+        lines.append(line.lstrip("#").strip())
+    text = "\n".join(lines).replace("\\\n", " ")
+    for line in text.splitlines():
+        if line.startswith(f"uniformer {program} "):
+            return shlex.split(line)[2:]
+    raise AssertionError(f"{path.name}: no `uniformer {program}` command in the header")
+
+
+def test_every_config_is_found():
+    assert set(RECIPES) <= {p.name for p in ALL_CONFIGS}
+
+
+@pytest.mark.parametrize("path", ALL_CONFIGS, ids=lambda p: str(p.relative_to(CONFIGS)))
+def test_every_config_loads(path):
+    cfg = load_config(path)
+    from model import list_variants
+
+    assert cfg.model.variant in list_variants()
+
+
+@pytest.mark.parametrize("name", sorted(RECIPES))
+def test_recipe_values(name):
+    got = flat(load_config(CONFIGS / name))
+    expected = RECIPES[name]
+    assert {k: got[k] for k in expected} == pytest.approx(expected)
+    assert got["weight_decay"] == 0.05 and tuple(got["mean"]) == (0.45,) * 3 and tuple(got["std"]) == (0.225,) * 3
+    assert got["use_gpu"] is True and got["precision"] == "bf16"
+
+
+@pytest.mark.parametrize("name", sorted(RECIPES))
+def test_recipe_says_what_it_does_not_implement(name):
+    text = (CONFIGS / name).read_text()
+    assert "RandAugment" in text and "random erasing" in text and "not implemented" in text.lower()
+
+
+@pytest.mark.parametrize("name", sorted(RECIPES))
+def test_header_train_command_is_valid(name):
+    args = header_command(CONFIGS / name, "train")
+    assert args[:2] == ["--config", f"infra/configs/{name}"]
+    overrides, flags = [], args[2:]
+    while flags:
+        token = flags.pop(0)
+        assert "=" in token and not token.startswith("-"), f"{name}: unexpected {token!r} in the train command"
+        overrides.append(token)
+    cfg = load_config(ROOT / args[1], overrides)
+    assert cfg.data.manifest.startswith("s3://") and cfg.train.storage_path.startswith("s3://")
+
+
+@pytest.mark.parametrize("name", sorted(RECIPES))
+def test_header_prepare_command_is_valid(name):
+    from jobs.prepare import build_parser
+
+    args = build_parser().parse_args(header_command(CONFIGS / name, "prepare"))
+    assert args.output.startswith("s3://")
+    if name.startswith("k400"):  # prepared copies keep every 4th frame: the recipe's sampling stride
+        assert args.frame_stride == load_config(CONFIGS / name).data.sampling_rate == 4
