@@ -29,6 +29,8 @@ import torch.nn.functional as F
 from einops import rearrange
 from torch.utils.checkpoint import checkpoint
 
+from model.dwconv3d import DepthwiseConv3d
+
 AttnImpl = Literal["sdpa", "math"]
 ATTN_IMPLS: tuple[str, ...] = ("sdpa", "math")
 
@@ -120,11 +122,11 @@ class CBlock(nn.Module):
 
     def __init__(self, dim: int, mlp_ratio: float = 4.0, drop_path: float = 0.0):
         super().__init__()
-        self.pos_embed = nn.Conv3d(dim, dim, kernel_size=3, padding=1, groups=dim)
+        self.pos_embed = DepthwiseConv3d(dim, kernel_size=3)  # Triton kernels on CUDA, else F.conv3d
         self.norm1 = nn.BatchNorm3d(dim)
         self.conv1 = nn.Conv3d(dim, dim, kernel_size=1)
         self.conv2 = nn.Conv3d(dim, dim, kernel_size=1)
-        self.attn = nn.Conv3d(dim, dim, kernel_size=5, padding=2, groups=dim)
+        self.attn = DepthwiseConv3d(dim, kernel_size=5)
         self.norm2 = nn.BatchNorm3d(dim)
         self.mlp = ConvMlp(dim, int(dim * mlp_ratio))
         self.drop_path = DropPath(drop_path)
@@ -149,7 +151,7 @@ class SABlock(nn.Module):
         attn_impl: AttnImpl = "sdpa",
     ):
         super().__init__()
-        self.pos_embed = nn.Conv3d(dim, dim, kernel_size=3, padding=1, groups=dim)
+        self.pos_embed = DepthwiseConv3d(dim, kernel_size=3)
         self.norm1 = nn.LayerNorm(dim, eps=1e-6)
         self.attn = Attention(dim, head_dim, qkv_bias=qkv_bias, attn_impl=attn_impl)
         self.norm2 = nn.LayerNorm(dim, eps=1e-6)
