@@ -23,10 +23,8 @@ def main(argv: list[str] | None = None) -> None:
     args, cfg = parse_job_args(parser, argv)
     if args.top_k < 1:
         parser.exit(2, f"{parser.prog}: --top-k must be at least 1, got {args.top_k}\n")
-    import mlflow.pyfunc
-    import pandas as pd
-
     from pipeline import tracking
+    from pipeline.serving import predict_videos
 
     tracking.client_for(cfg)  # sets the tracking and registry URIs that models:/ resolves against
     if cfg.storage.endpoint_url:  # the classifier reads S3 with the standard AWS environment
@@ -34,11 +32,10 @@ def main(argv: list[str] | None = None) -> None:
     if cfg.storage.region:
         os.environ.setdefault("AWS_REGION", cfg.storage.region)
     try:
-        model = mlflow.pyfunc.load_model(args.model)
+        row = predict_videos(args.model, [args.video], top_k=args.top_k)[0]
     except Exception as err:  # noqa: BLE001 - one line for the user
         parser.exit(1, f"{parser.prog}: cannot load {args.model}: {type(err).__name__}: "
                        f"{(str(err).splitlines() or [''])[0][:300]}\n")
-    row = model.predict(pd.DataFrame({"video": [args.video]}), params={"top_k": args.top_k}).iloc[0]
     if row["error"]:
         parser.exit(1, f"{parser.prog}: {args.video}: {row['error']}\n")
     print(json.dumps({"video": args.video, "model": args.model,

@@ -278,12 +278,14 @@ def add_config_args(parser: argparse.ArgumentParser) -> None:
 
 
 def parse_job_args(parser: argparse.ArgumentParser, argv: list[str] | None,
-                   flag_keys: dict[str, str] | None = None) -> tuple[argparse.Namespace, Config]:
+                   flag_keys: dict[str, str] | None = None,
+                   default_config: str | Path | None = None) -> tuple[argparse.Namespace, Config]:
     """Parse a job's flags plus `--config` and overrides; a bad config exits with one line.
 
     `flag_keys` maps a flag's dest to the config key it sets (e.g. init_from -> model.init_from).
     """
     add_config_args(parser)
+    parser.set_defaults(config=default_config)
     args = parser.parse_args(argv)
     flag_overrides = [f"{key}={getattr(args, dest)}" for dest, key in (flag_keys or {}).items()
                       if getattr(args, dest) is not None]

@@ -279,3 +279,13 @@ def load_bundle(model_dir: str | Path):
     labels = json.loads((artifacts / LABELS).read_text())
     state = torch.load(artifacts / WEIGHTS, map_location="cpu", weights_only=True)
     return build_model(preprocess, state), preprocess, labels
+
+
+def predict_videos(model_uri: str, videos: Sequence[str], *, top_k: int = DEFAULT_TOP_K) -> list[dict[str, Any]]:
+    """Load `model_uri` as the pyfunc video classifier (as a server would) and classify `videos`;
+    one dict per video with `label`, `score`, `labels`, `scores` and `error` ("" when fine)."""
+    import pandas as pd
+
+    model = mlflow.pyfunc.load_model(model_uri)
+    frame = model.predict(pd.DataFrame({"video": list(videos)}), params={"top_k": top_k})
+    return frame.to_dict(orient="records")
