@@ -171,7 +171,7 @@ def train_loop_per_worker(loop_config: dict) -> None:
     client = tracking.client_for(cfg) if is_rank0 else None
     with tracking.system_metrics(cfg, run_id):
         for epoch in range(start_epoch, cfg.optim.epochs):
-            # Every random draw derives from (seed, rank, epoch), so a resumed run repeats an uninterrupted one.
+            # Every random draw derives from (seed, rank, epoch): a resumed run repeats an uninterrupted one.
             torch.manual_seed(cfg.train.seed * 100_003 + epoch * 1_009 + rank)
             mix_rng = np.random.default_rng([cfg.train.seed, rank, epoch])
             shard = worker_shard(train_rows, rank=rank, world=world, seed=cfg.train.seed, epoch=epoch, equal=True)
@@ -224,6 +224,7 @@ def train_loop_per_worker(loop_config: dict) -> None:
                         "clips_per_s": clips_done * world / step_s, "data_wait_fraction": wait_s / step_s,
                         "skipped_clips": skipped, "epoch": epoch}, step)
 
+            batches.close()  # stop this epoch's Ray Data executor: a lingering one holds decode CPUs
             epoch += 1
             metrics = {"epoch": epoch, "step": step, cfg.train.checkpoint_metric: 0.0,
                        **{k: v for k, v in last_val.items() if k != "confusion"}}

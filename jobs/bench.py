@@ -1,0 +1,116 @@
+"""`uniformer bench <what>`: measurements of one part of the system, printed as one JSON line.
+
+    uniformer bench data --videos 8 --workers 2 --frames 16 --rate 4 --clips 128
+
+`data`: clips/s of the data path (plain loop, process pool, Ray Data) and the cost of a
+seek-decoded clip against its window (`pipeline.bench_data`). Each subcommand is a subparser
+here whose work lives in `pipeline/bench_<what>.py`; add one with `_add_<what>` + `SUBCOMMANDS`.
+Every subcommand also takes `--config FILE.yaml` and `key=value` overrides.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import sys
+from typing import Any, Callable
+
+from pipeline.config import Config, ConfigError, add_config_args, load_config
+
+
+def _positive(text: str) -> int:
+    try:
+        value = int(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"{text!r} is not an integer") from None
+    if value < 1:
+        raise argparse.ArgumentTypeError(f"{value} must be at least 1")
+    return value
+
+
+def _progress() -> Callable[[str], None]:
+    from rich.console import Console
+
+    console = Console(stderr=True)
+    return lambda message: console.log(message)
+
+
+# ---------------------------------------------------------------------------------------------
+# data
+
+
+def _add_data(sub: argparse._SubParsersAction) -> argparse.ArgumentParser:
+    p = sub.add_parser("data", help="clips/s of the data path and the cost of seeking",
+                       description="Clips/s of a plain loop, a process pool and the Ray Data pipeline over the "
+                       "same videos, and the cost of a seek-decoded clip against its window.")
+    p.add_argument("--videos", type=_positive, default=8, help="synthetic videos to write (default 8)")
+    p.add_argument("--video-frames", type=_positive, default=300, help="frames per synthetic video (default 300)")
+    p.add_argument("--height", type=_positive, default=240, help="synthetic video height (default 240)")
+    p.add_argument("--width", type=_positive, default=320, help="synthetic video width (default 320)")
+    p.add_argument("--manifest", default="", metavar="URI",
+                   help="measure throughput on this manifest's ok rows of --split instead (no seek figures)")
+    p.add_argument("--split", default="train", help="split of --manifest to use (default train)")
+    p.add_argument("--workers", type=_positive, default=2, help="pool processes = Ray decode tasks (default 2)")
+    p.add_argument("--frames", type=_positive, help="clip frames (sets data.num_frames; default from config)")
+    p.add_argument("--rate", type=_positive, help="sampling rate in original frames (sets data.sampling_rate)")
+    p.add_argument("--clips", type=_positive, default=128, help="clips per throughput measurement (default 128)")
+    p.add_argument("--seek-clips", type=int, default=24, help="clips per seek-cost measurement; 0 skips it")
+    p.add_argument("--modes", default="loop,pool,ray", help="throughput modes, comma-separated (default all)")
+    p.add_argument("--work-dir", default="work/bench_data", help="local folder for the synthetic videos")
+    p.add_argument("--seed", type=int, default=0)
+    p.set_defaults(run=_run_data, flag_keys={"frames": "data.num_frames", "rate": "data.sampling_rate"})
+    return p
+
+
+def _run_data(args: argparse.Namespace, cfg: Config, parser: argparse.ArgumentParser) -> dict[str, Any]:
+    from pipeline.bench_data import BenchVideos, run_data_bench
+
+    modes = tuple(m.strip() for m in args.modes.split(",") if m.strip())
+    unknown = sorted(set(modes) - {"loop", "pool", "ray"})
+    if unknown or not modes:
+        parser.error(f"--modes {args.modes!r}: use a comma-separated subset of loop, pool, ray")
+    if args.height % 2 or args.width % 2:
+        parser.error(f"--height {args.height} and --width {args.width} must be even (H.264 in yuv420p)")
+    spec = BenchVideos(videos=args.videos, video_frames=args.video_frames, height=args.height, width=args.width,
+                       seed=args.seed)
+    return run_data_bench(data=cfg.data, storage=cfg.storage, spec=spec, workers=args.workers, clips=args.clips,
+                          seek_clips=args.seek_clips, manifest_uri=args.manifest, split=args.split,
+                          work_dir=args.work_dir, modes=modes, progress=_progress())
+
+
+# ---------------------------------------------------------------------------------------------
+
+SUBCOMMANDS: tuple[Callable[[argparse._SubParsersAction], argparse.ArgumentParser], ...] = (_add_data,)
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(prog="uniformer bench", description=__doc__,
+                                     formatter_class=argparse.RawDescriptionHelpFormatter)
+    sub = parser.add_subparsers(dest="what", required=True, metavar="<what>")
+    for add in SUBCOMMANDS:
+        sub_parser = add(sub)
+        add_config_args(sub_parser)
+        sub_parser.set_defaults(subparser=sub_parser)  # errors then name the subcommand
+    return parser
+
+
+def main(argv: list[str] | None = None) -> dict[str, Any]:
+    parser = build_parser()
+    args = parser.parse_args(sys.argv[1:] if argv is None else argv)
+    sub = args.subparser
+    flags = [f"{key}={getattr(args, dest)}" for dest, key in getattr(args, "flag_keys", {}).items()
+             if getattr(args, dest) is not None]
+    try:
+        cfg = load_config(args.config, [*args.overrides, *flags])
+    except ConfigError as err:
+        sub.exit(2, f"{sub.prog}: config error: {err}\n")
+    try:
+        summary = args.run(args, cfg, sub)
+    except ValueError as err:
+        sub.exit(2, f"{sub.prog}: error: {err}\n")
+    print(json.dumps({"bench": args.what, **summary}), flush=True)
+    return summary
+
+
+if __name__ == "__main__":
+    main()
