@@ -3,7 +3,9 @@
     uniformer bench data --videos 8 --workers 2 --frames 16 --rate 4 --clips 128
 
 `data`: clips/s of the data path (plain loop, process pool, Ray Data) and the cost of a
-seek-decoded clip against its window (`pipeline.bench_data`). Each subcommand is a subparser
+seek-decoded clip against its window (`pipeline.bench_data`). `model`: clips/s, step time, peak
+memory and MFU of the network, optionally beside the plain reference formulation; `dwconv`: one
+depthwise 3D convolution, PyTorch against the Triton op (`pipeline.bench_model`). Each subcommand is a subparser
 here whose work lives in `pipeline/bench_<what>.py`; add one with `_add_<what>` + `SUBCOMMANDS`.
 Every subcommand also takes `--config FILE.yaml` and `key=value` overrides.
 """
@@ -15,6 +17,7 @@ import json
 import sys
 from typing import Any, Callable
 
+from pipeline.bench_model import add_dwconv_parser, add_model_parser
 from pipeline.config import Config, ConfigError, add_config_args, load_config
 
 
@@ -80,7 +83,8 @@ def _run_data(args: argparse.Namespace, cfg: Config, parser: argparse.ArgumentPa
 
 # ---------------------------------------------------------------------------------------------
 
-SUBCOMMANDS: tuple[Callable[[argparse._SubParsersAction], argparse.ArgumentParser], ...] = (_add_data,)
+SUBCOMMANDS: tuple[Callable[[argparse._SubParsersAction], argparse.ArgumentParser], ...] = (
+    _add_data, add_model_parser, add_dwconv_parser)
 
 
 def build_parser() -> argparse.ArgumentParser:

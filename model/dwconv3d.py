@@ -74,7 +74,7 @@ Impl = Literal["auto", "triton", "torch"]
 IMPLS: tuple[str, ...] = ("auto", "triton", "torch")
 KERNEL_SIZES: tuple[int, ...] = (3, 5)
 
-# Launch parameters, picked without a GPU to hand: `python -m pipeline.bench_model dwconv --sweep`
+# Launch parameters, picked without a GPU to hand: `uniformer bench dwconv --sweep`
 # times alternatives on one. wgrad_block_c=0: 32 when the tap slots are more than 16, else 64.
 TUNING: dict[str, int] = dict(
     fwd_block_h=8, fwd_block_w=8, fwd_block_c=64, fwd_warps=8,

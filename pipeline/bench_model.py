@@ -1,8 +1,8 @@
 """`uniformer bench model`: speed of the UniFormer network alone, on in-memory clips.
 
     uniformer bench model --variant S --frames 16 --batch 16 --size 224 --mode train --precision bf16 --compare
-    python -m pipeline.bench_model model --variant xs --frames 4 --size 64 --batch 2 --steps 3   # CPU smoke run
-    python -m pipeline.bench_model dwconv --shape 16,64,8,56,56 --kernel 5 --precision bf16   # one conv, GPU
+    uniformer bench model --variant xs --frames 4 --size 64 --batch 2 --steps 3   # CPU smoke run
+    uniformer bench dwconv --shape 16,64,8,56,56 --kernel 5 --precision bf16   # one conv, GPU
 
 `model` times a training step (forward, backward, AdamW: fused on CUDA) or an inference step
 and reports clips/s, the median step time, peak memory and model FLOP utilisation (MFU: the
@@ -480,25 +480,3 @@ def _sweep(x, w, b, dy, args, device, progress) -> dict[str, Any]:
     return {"best_fwd": min(found["fwd"], key=lambda r: r["ms"]),
             "best_wgrad": min(found["wgrad"], key=lambda r: r["ms"]) if found["wgrad"] else None,
             "current": saved}
-
-
-# ---------------------------------------------------------------------------------------------
-
-
-def main(argv: Optional[list[str]] = None) -> dict[str, Any]:
-    parser = argparse.ArgumentParser(prog="python -m pipeline.bench_model", description=__doc__,
-                                     formatter_class=argparse.RawDescriptionHelpFormatter)
-    sub = parser.add_subparsers(dest="what", required=True, metavar="<what>")
-    add_model_parser(sub)
-    add_dwconv_parser(sub)
-    args = parser.parse_args(sys.argv[1:] if argv is None else argv)
-    try:
-        summary = args.run(args)
-    except ValueError as err:
-        parser.exit(2, f"{parser.prog} {args.what}: error: {err}\n")
-    print(json.dumps({"bench": args.what, **summary}), flush=True)
-    return summary
-
-
-if __name__ == "__main__":
-    main()

@@ -4,6 +4,8 @@ import argparse
 import json
 
 import pytest
+
+import jobs.bench
 import torch
 
 from pipeline import bench_model
@@ -91,7 +93,7 @@ def test_dwconv_bench_on_cpu_times_pytorch_only():
         run_dwconv_bench(parse(["dwconv", "--shape", "1,4,2", "--device", "cpu"]))
 
 
-def test_main_prints_one_json_line(capsys):
-    bench_model.main(["model", *TINY, "--mode", "infer"])
+def test_uniformer_bench_model_prints_one_json_line(capsys):
+    jobs.bench.main(["model", *TINY, "--mode", "infer"])
     lines = capsys.readouterr().out.strip().splitlines()
     assert len(lines) == 1 and json.loads(lines[0])["bench"] == "model"
