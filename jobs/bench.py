@@ -18,17 +18,7 @@ import sys
 from typing import Any, Callable
 
 from pipeline.bench_model import add_dwconv_parser, add_model_parser
-from pipeline.config import Config, ConfigError, add_config_args, load_config
-
-
-def _positive(text: str) -> int:
-    try:
-        value = int(text)
-    except ValueError:
-        raise argparse.ArgumentTypeError(f"{text!r} is not an integer") from None
-    if value < 1:
-        raise argparse.ArgumentTypeError(f"{value} must be at least 1")
-    return value
+from pipeline.config import Config, ConfigError, add_config_args, int_at_least, load_config
 
 
 def _progress() -> Callable[[str], None]:
@@ -46,17 +36,17 @@ def _add_data(sub: argparse._SubParsersAction) -> argparse.ArgumentParser:
     p = sub.add_parser("data", help="clips/s of the data path and the cost of seeking",
                        description="Clips/s of a plain loop, a process pool and the Ray Data pipeline over the "
                        "same videos, and the cost of a seek-decoded clip against its window.")
-    p.add_argument("--videos", type=_positive, default=8, help="synthetic videos to write (default 8)")
-    p.add_argument("--video-frames", type=_positive, default=300, help="frames per synthetic video (default 300)")
-    p.add_argument("--height", type=_positive, default=240, help="synthetic video height (default 240)")
-    p.add_argument("--width", type=_positive, default=320, help="synthetic video width (default 320)")
+    p.add_argument("--videos", type=int_at_least(1), default=8, help="synthetic videos to write (default 8)")
+    p.add_argument("--video-frames", type=int_at_least(1), default=300, help="frames per synthetic video (default 300)")
+    p.add_argument("--height", type=int_at_least(1), default=240, help="synthetic video height (default 240)")
+    p.add_argument("--width", type=int_at_least(1), default=320, help="synthetic video width (default 320)")
     p.add_argument("--manifest", default="", metavar="URI",
                    help="measure throughput on this manifest's ok rows of --split instead (no seek figures)")
     p.add_argument("--split", default="train", help="split of --manifest to use (default train)")
-    p.add_argument("--workers", type=_positive, default=2, help="pool processes = Ray decode tasks (default 2)")
-    p.add_argument("--frames", type=_positive, help="clip frames (sets data.num_frames; default from config)")
-    p.add_argument("--rate", type=_positive, help="sampling rate in original frames (sets data.sampling_rate)")
-    p.add_argument("--clips", type=_positive, default=128, help="clips per throughput measurement (default 128)")
+    p.add_argument("--workers", type=int_at_least(1), default=2, help="pool processes = Ray decode tasks (default 2)")
+    p.add_argument("--frames", type=int_at_least(1), help="clip frames (sets data.num_frames; default from config)")
+    p.add_argument("--rate", type=int_at_least(1), help="sampling rate in original frames (sets data.sampling_rate)")
+    p.add_argument("--clips", type=int_at_least(1), default=128, help="clips per throughput measurement (default 128)")
     p.add_argument("--seek-clips", type=int, default=24, help="clips per seek-cost measurement; 0 skips it")
     p.add_argument("--modes", default="loop,pool,ray", help="throughput modes, comma-separated (default all)")
     p.add_argument("--work-dir", default="work/bench_data", help="local folder for the synthetic videos")

@@ -14,23 +14,11 @@ import argparse
 import json
 
 from pipeline.annotations import FORMATS, LAYOUTS, AnnotationError
-from pipeline.config import parse_job_args
+from pipeline.config import int_at_least, parse_job_args
 from pipeline.prepare import PrepareOptions, prepare
 from pipeline.storage import StorageError
 
 _D = PrepareOptions()
-
-
-def _at_least(minimum: int):
-    def parse(text: str) -> int:
-        try:
-            value = int(text)
-        except ValueError:
-            raise argparse.ArgumentTypeError(f"{text!r} is not an integer") from None
-        if value < minimum:
-            raise argparse.ArgumentTypeError(f"{value} must be at least {minimum}")
-        return value
-    return parse
 
 
 class _DefaultsFormatter(argparse.HelpFormatter):
@@ -60,24 +48,24 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--kinetics-layout", choices=LAYOUTS, default="flat",
                    help="where a Kinetics clip lies under --videos: flat <clip>.mp4, split/<clip>.mp4 "
                    "or label/<clip>.mp4")
-    p.add_argument("--short-side", type=_at_least(0), default=_D.short_side,
+    p.add_argument("--short-side", type=int_at_least(0), default=_D.short_side,
                    help="scale prepared copies down to this short side (0 keeps the size; never upscales)")
-    p.add_argument("--frame-stride", type=_at_least(1), default=_D.frame_stride,
+    p.add_argument("--frame-stride", type=int_at_least(1), default=_D.frame_stride,
                    help="keep every n-th frame (4 for a 16x4 recipe cuts decode cost ~2.7x)")
-    p.add_argument("--keyframe-interval", type=_at_least(1), default=_D.keyframe_interval,
+    p.add_argument("--keyframe-interval", type=int_at_least(1), default=_D.keyframe_interval,
                    help="keyframe every n frames of the prepared copy")
-    p.add_argument("--crf", type=_at_least(0), default=_D.crf, help="H.264 quality (lower is better)")
-    p.add_argument("--min-frames", type=_at_least(1), default=_D.min_frames,
+    p.add_argument("--crf", type=int_at_least(0), default=_D.crf, help="H.264 quality (lower is better)")
+    p.add_argument("--min-frames", type=int_at_least(1), default=_D.min_frames,
                    help="fewer frames in the original -> too_short")
-    p.add_argument("--min-side", type=_at_least(1), default=_D.min_side,
+    p.add_argument("--min-side", type=int_at_least(1), default=_D.min_side,
                    help="a smaller width or height -> too_small")
     p.add_argument("--no-transcode", action="store_true",
                    help="probe only; the manifest points at the original videos")
     p.add_argument("--probe-decode", choices=("ends", "all"), default=_D.probe_decode,
                    help="decode the first frame and last GOP, or every frame, when probing")
-    p.add_argument("--batch-size", type=_at_least(1), default=8,
+    p.add_argument("--batch-size", type=int_at_least(1), default=8,
                    help="videos per Ray task (and per restart checkpoint)")
-    p.add_argument("--concurrency", type=_at_least(0), default=0, help="Ray tasks at most (0: as many as fit)")
+    p.add_argument("--concurrency", type=int_at_least(0), default=0, help="Ray tasks at most (0: as many as fit)")
     p.add_argument("--num-cpus", type=float, default=1.0, help="CPUs each Ray task reserves")
     p.add_argument("--executor", choices=("ray", "inline"), default="ray",
                    help="inline runs in this process without Ray (debugging)")

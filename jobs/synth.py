@@ -17,31 +17,19 @@ import time
 from rich.console import Console
 from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn
 
-from pipeline.config import parse_job_args
+from pipeline.config import int_at_least, parse_job_args
 from pipeline.storage import StorageError
 from pipeline.synth import MOTIONS
-
-
-def _int_at_least(minimum: int):
-    def parse(text: str) -> int:
-        try:
-            value = int(text)
-        except ValueError:
-            raise argparse.ArgumentTypeError(f"{text!r} is not an integer") from None
-        if value < minimum:
-            raise argparse.ArgumentTypeError(f"{value} must be at least {minimum}")
-        return value
-    return parse
 
 
 def build_parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(prog="uniformer synth", description="Write a synthetic motion video dataset.")
     p.add_argument("--output", required=True, metavar="URI", help="local folder or s3://bucket/prefix")
-    p.add_argument("--classes", type=_int_at_least(2), default=6, help=f"2 to {len(MOTIONS)} (default 6)")
-    p.add_argument("--videos-per-class", type=_int_at_least(1), default=40, help="default 40")
+    p.add_argument("--classes", type=int_at_least(2), default=6, help=f"2 to {len(MOTIONS)} (default 6)")
+    p.add_argument("--videos-per-class", type=int_at_least(1), default=40, help="default 40")
     p.add_argument("--seed", type=int, default=0, help="the same seed writes the same files (default 0)")
-    p.add_argument("--frames", type=_int_at_least(2), default=32, help="frames per video (default 32)")
-    p.add_argument("--size", type=_int_at_least(16), default=96, help="width = height, even (default 96)")
+    p.add_argument("--frames", type=int_at_least(2), default=32, help="frames per video (default 32)")
+    p.add_argument("--size", type=int_at_least(16), default=96, help="width = height, even (default 96)")
     p.add_argument("--val-fraction", type=float, default=0.25, help="share of each class in val (default 0.25)")
     p.add_argument("--fps", type=float, default=30.0, help="frame rate (default 30)")
     return p

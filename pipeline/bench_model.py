@@ -30,7 +30,6 @@ import argparse
 import contextlib
 import gc
 import itertools
-import json
 import resource
 import statistics
 import sys
@@ -44,6 +43,7 @@ from torch.utils.flop_counter import FlopCounterMode
 from model import create_uniformer
 from model import dwconv3d
 from model.dwconv3d import set_depthwise_impl
+from pipeline.config import int_at_least
 from pipeline.recipe import param_groups
 
 VARIANTS = {"xs": "uniformer_xs", "s": "uniformer_s", "b": "uniformer_b"}
@@ -78,26 +78,6 @@ def peak_tflops(device_name: str, precision: str) -> Optional[float]:
 # Command line
 
 
-def _positive(text: str) -> int:
-    try:
-        value = int(text)
-    except ValueError:
-        raise argparse.ArgumentTypeError(f"{text!r} is not an integer") from None
-    if value < 1:
-        raise argparse.ArgumentTypeError(f"{value} must be at least 1")
-    return value
-
-
-def _non_negative(text: str) -> int:
-    try:
-        value = int(text)
-    except ValueError:
-        raise argparse.ArgumentTypeError(f"{text!r} is not an integer") from None
-    if value < 0:
-        raise argparse.ArgumentTypeError(f"{value} must be at least 0")
-    return value
-
-
 def add_model_parser(subparsers: argparse._SubParsersAction) -> argparse.ArgumentParser:
     """Adds `model` to a `uniformer bench` subparser set; `args.run(args, cfg, parser)` runs it."""
     p = subparsers.add_parser("model", help="clips/s, step time, peak memory and MFU of the network",
@@ -105,18 +85,18 @@ def add_model_parser(subparsers: argparse._SubParsersAction) -> argparse.Argumen
                               "--compare also runs the plain reference formulation and reports the speed-up.")
     p.add_argument("--variant", type=str.lower, choices=tuple(VARIANTS), default="s",
                    help="xs (CPU-sized), s or b (default s)")
-    p.add_argument("--frames", type=_positive, default=16, help="frames per clip, even (default 16)")
-    p.add_argument("--size", type=_positive, default=224, help="crop size, a multiple of 32 (default 224)")
-    p.add_argument("--batch", type=_positive, default=16, help="clips per step (default 16)")
+    p.add_argument("--frames", type=int_at_least(1), default=16, help="frames per clip, even (default 16)")
+    p.add_argument("--size", type=int_at_least(1), default=224, help="crop size, a multiple of 32 (default 224)")
+    p.add_argument("--batch", type=int_at_least(1), default=16, help="clips per step (default 16)")
     p.add_argument("--mode", choices=MODES, default="train", help="train: forward+backward+AdamW (default)")
     p.add_argument("--precision", choices=PRECISIONS, default="bf16", help="bf16 autocast or fp32 (default bf16)")
-    p.add_argument("--num-classes", type=_positive, default=400, help="head size (default 400)")
+    p.add_argument("--num-classes", type=int_at_least(1), default=400, help="head size (default 400)")
     p.add_argument("--compile", action="store_true", help="torch.compile the (optimised) model")
     group = p.add_mutually_exclusive_group()
     group.add_argument("--reference", action="store_true", help="run only the plain reference formulation")
     group.add_argument("--compare", action="store_true", help="run reference and optimised, report the speed-up")
-    p.add_argument("--steps", type=_positive, default=20, help="timed steps (default 20)")
-    p.add_argument("--warmup", type=_non_negative, default=5, help="untimed steps first (default 5)")
+    p.add_argument("--steps", type=int_at_least(1), default=20, help="timed steps (default 20)")
+    p.add_argument("--warmup", type=int_at_least(0), default=5, help="untimed steps first (default 5)")
     p.add_argument("--device", default="auto", help="auto (cuda if available), cpu, cuda, cuda:N")
     p.add_argument("--seed", type=int, default=0)
     p.set_defaults(run=_run_model_from_job)
@@ -127,10 +107,10 @@ def add_dwconv_parser(subparsers: argparse._SubParsersAction) -> argparse.Argume
     """Adds `dwconv` (one depthwise 3D convolution, PyTorch against Triton)."""
     p = subparsers.add_parser("dwconv", help="one depthwise 3D convolution: PyTorch against the Triton op")
     p.add_argument("--shape", default="16,64,8,56,56", help="B,C,T,H,W (default 16,64,8,56,56)")
-    p.add_argument("--kernel", type=_positive, choices=(3, 5), default=5, help="cubic kernel size (default 5)")
+    p.add_argument("--kernel", type=int_at_least(1), choices=(3, 5), default=5, help="cubic kernel size (default 5)")
     p.add_argument("--precision", choices=PRECISIONS, default="bf16")
-    p.add_argument("--steps", type=_positive, default=20)
-    p.add_argument("--warmup", type=_non_negative, default=5)
+    p.add_argument("--steps", type=int_at_least(1), default=20)
+    p.add_argument("--warmup", type=int_at_least(0), default=5)
     p.add_argument("--device", default="auto")
     p.add_argument("--sweep", action="store_true", help="also time launch configurations, report the fastest")
     p.set_defaults(run=_run_dwconv_from_job)

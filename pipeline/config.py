@@ -271,6 +271,19 @@ def config_from_dict(tree: dict[str, Any]) -> Config:
     return validate(_build(Config, tree, ""))
 
 
+def int_at_least(minimum: int):
+    """An argparse `type` for integers of at least `minimum`, with a message naming the value."""
+    def parse(text: str) -> int:
+        try:
+            value = int(text)
+        except ValueError:
+            raise argparse.ArgumentTypeError(f"{text!r} is not an integer") from None
+        if value < minimum:
+            raise argparse.ArgumentTypeError(f"{value} must be at least {minimum}")
+        return value
+    return parse
+
+
 def add_config_args(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--config", help="YAML config file (infra/configs/...)")
     parser.add_argument("overrides", nargs="*", metavar="key=value",
