@@ -43,7 +43,7 @@ def two_node_cluster():
     cluster.shutdown()
 
 
-def run_train(tmp_path: Path, address: str, *overrides: str, timeout_s: int = 900) -> tuple[dict, str]:
+def run_train(tmp_path: Path, address: str, *overrides: str, timeout_s: int = 1500) -> tuple[dict, str]:
     cmd = [sys.executable, "-m", "jobs.train", "--config", str(DEMO),
            f"train.storage_path={tmp_path / 'ray_results'}",
            f"tracking.tracking_uri=sqlite:///{tmp_path / 'mlflow.db'}", *overrides]
