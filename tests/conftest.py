@@ -1,5 +1,6 @@
 """Shared fixtures: a real S3 endpoint over HTTP (moto's server) and a local Ray instance."""
 
+import contextlib
 import os
 import socket
 import subprocess
@@ -35,12 +36,12 @@ def wait_for_http(url: str, timeout_s: float = 30.0) -> None:
             time.sleep(0.2)
 
 
-@pytest.fixture(scope="session")
-def s3_endpoint():
-    """moto's S3 server on a free loopback port (the test credentials are set above)."""
+@contextlib.contextmanager
+def moto_server(**env: str):
+    """moto's S3 server on a free loopback port, with `env` added to its environment."""
     port = free_port()
     proc = subprocess.Popen([sys.executable, "-m", "moto.server", "-H", "127.0.0.1", "-p", str(port)],
-                            stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+                            stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL, env={**os.environ, **env})
     url = f"http://127.0.0.1:{port}"
     try:
         wait_for_http(url)
@@ -48,6 +49,13 @@ def s3_endpoint():
     finally:
         proc.terminate()
         proc.wait(timeout=10)
+
+
+@pytest.fixture(scope="session")
+def s3_endpoint():
+    """moto's S3 server (the test credentials are set above)."""
+    with moto_server() as url:
+        yield url
 
 
 @pytest.fixture(scope="session")

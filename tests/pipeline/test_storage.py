@@ -1,14 +1,12 @@
 """pipeline.storage on local paths, file:// and a real S3 endpoint over HTTP (moto's server)."""
 
 import os
-import subprocess
-import sys
 
 import pytest
 
 from pipeline import storage as st
 from pipeline.config import StorageConfig
-from tests.conftest import free_port, wait_for_http
+from tests.conftest import moto_server
 
 DATA = bytes(range(256)) * 40  # 10 KiB
 
@@ -103,17 +101,8 @@ def test_endpoint_from_environment(s3_bucket, monkeypatch):
 @pytest.fixture(scope="module")
 def strict_s3_endpoint():
     """A moto server that checks credentials (and knows none), so every request is refused."""
-    port = free_port()
-    proc = subprocess.Popen([sys.executable, "-m", "moto.server", "-H", "127.0.0.1", "-p", str(port)],
-                            stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL,
-                            env={**os.environ, "INITIAL_NO_AUTH_ACTION_COUNT": "0"})
-    url = f"http://127.0.0.1:{port}"
-    try:
-        wait_for_http(url)
+    with moto_server(INITIAL_NO_AUTH_ACTION_COUNT="0") as url:
         yield url
-    finally:
-        proc.terminate()
-        proc.wait(timeout=10)
 
 
 def test_bad_credentials_message_names_uri_not_secret(strict_s3_endpoint, monkeypatch, tmp_path):
