@@ -1,9 +1,12 @@
 """`uniformer bench <what>`: measurements of one part of the system, printed as one JSON line.
 
     uniformer bench data --videos 8 --workers 2 --frames 16 --rate 4 --clips 128
+    uniformer bench train          # the demo config on its synthetic set; --config/--manifest for others
 
 `data`: clips/s of the data path (plain loop, process pool, Ray Data) and the cost of a
-seek-decoded clip against its window (`pipeline.bench_data`). `model`: clips/s, step time, peak
+seek-decoded clip against its window (`pipeline.bench_data`). `train`: the training loop on Ray
+Train fed by the clip stream against the same loop fed from memory: the data-stall fraction
+(`pipeline.bench_train`). `model`: clips/s, step time, peak
 memory and MFU of the network, optionally beside the plain reference formulation; `dwconv`: one
 depthwise 3D convolution, PyTorch against the Triton op (`pipeline.bench_model`). Each subcommand is a subparser
 here whose work lives in `pipeline/bench_<what>.py`; add one with `_add_<what>` + `SUBCOMMANDS`.
@@ -15,6 +18,7 @@ from __future__ import annotations
 import argparse
 import json
 import sys
+from pathlib import Path
 from typing import Any, Callable
 
 from pipeline.bench_model import add_dwconv_parser, add_model_parser
@@ -72,9 +76,38 @@ def _run_data(args: argparse.Namespace, cfg: Config, parser: argparse.ArgumentPa
 
 
 # ---------------------------------------------------------------------------------------------
+# train
+
+DEMO_CONFIG = Path(__file__).resolve().parents[1] / "infra" / "configs" / "demo.yaml"
+
+
+def _add_train(sub: argparse._SubParsersAction) -> argparse.ArgumentParser:
+    p = sub.add_parser("train", help="training clips/s on the clip stream against in-memory clips",
+                       description="Runs the training loop on Ray Train twice, fed by the Ray Data clip stream "
+                       "and from memory, and reports clips/s of each and the data-stall fraction. "
+                       f"The config defaults to {DEMO_CONFIG.relative_to(DEMO_CONFIG.parents[2])}.")
+    p.add_argument("--manifest", default="", metavar="URI",
+                   help="a prepared dataset (default: a synthetic set made once under --work-dir)")
+    p.add_argument("--epochs", type=int_at_least(2), default=2, help="epochs per run; the last is measured (default 2)")
+    p.add_argument("--steps", type=int_at_least(1), default=8, help="at most this many steps per epoch (default 8)")
+    p.add_argument("--videos-per-class", type=int_at_least(2), default=16,
+                   help="synthetic videos per class, a quarter of them val (default 16)")
+    p.add_argument("--work-dir", default="work/bench_train", help="synthetic set and checkpoints go here")
+    p.set_defaults(run=_run_train, config=str(DEMO_CONFIG))
+    return p
+
+
+def _run_train(args: argparse.Namespace, cfg: Config, parser: argparse.ArgumentParser) -> dict[str, Any]:
+    from pipeline.bench_train import run_train_bench
+
+    return run_train_bench(cfg, manifest_uri=args.manifest, epochs=args.epochs, steps=args.steps,
+                           videos_per_class=args.videos_per_class, work_dir=args.work_dir, progress=_progress())
+
+
+# ---------------------------------------------------------------------------------------------
 
 SUBCOMMANDS: tuple[Callable[[argparse._SubParsersAction], argparse.ArgumentParser], ...] = (
-    _add_data, add_model_parser, add_dwconv_parser)
+    _add_data, _add_train, add_model_parser, add_dwconv_parser)
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -98,9 +131,11 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
         cfg = load_config(args.config, [*args.overrides, *flags])
     except ConfigError as err:
         sub.exit(2, f"{sub.prog}: config error: {err}\n")
+    from pipeline.storage import StorageError
+
     try:
         summary = args.run(args, cfg, sub)
-    except ValueError as err:
+    except (ValueError, StorageError) as err:
         sub.exit(2, f"{sub.prog}: error: {err}\n")
     print(json.dumps({"bench": args.what, **summary}), flush=True)
     return summary

@@ -315,6 +315,7 @@ def prepare(annotations: str | list[str], videos: str, output: str, *, format: s
     t0 = time.perf_counter()
     if executor not in ("ray", "inline"):
         raise ValueError(f"executor={executor!r} is not one of 'ray', 'inline'")
+    videos, output = st.absolute(videos), st.absolute(output)  # manifest paths must hold on every worker
     ann = load_annotations(annotations, format=format, labels_uri=labels_uri, split=split, layout=layout,
                            storage=storage)
     row_keys, items = plan_work(ann, videos, output, options, storage=storage)

@@ -73,6 +73,11 @@ def local_path(uri: str) -> str:
     return uri
 
 
+def absolute(uri: str) -> str:
+    """`uri` with a local path made absolute, since Ray workers run in other folders; S3 and "" unchanged."""
+    return uri if not uri or is_s3(uri) else os.path.abspath(local_path(uri))
+
+
 def join(uri: str, *parts: str) -> str:
     """Join with '/' whatever the scheme: `join("s3://b/p", "x/y.mp4")` -> `s3://b/p/x/y.mp4`."""
     out = uri

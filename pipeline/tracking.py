@@ -314,8 +314,8 @@ def system_metrics(cfg: Config, run_id: str, *, local_rank: int | None = None,
                    node_rank: int | None = None, sampling_interval_s: float = 10.0) -> Iterator[None]:
     """CPU, memory, disk, network (and GPU with `nvidia-ml-py`) metrics of this node into the run,
     as `system/node_<rank>/...`, from the process with local rank 0 only; a no-op when
-    `tracking.system_metrics` is false. Ranks come from the Ray Train context when not given."""
-    if not cfg.tracking.system_metrics:
+    `tracking.system_metrics` is false or there is no run. Ranks come from the Ray Train context when not given."""
+    if not cfg.tracking.system_metrics or not run_id:
         yield
         return
     if local_rank is None or node_rank is None:

@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import contextlib
 import dataclasses
+import itertools
 import tempfile
 import time
 from pathlib import Path
@@ -24,7 +25,7 @@ import torch.nn.functional as F
 
 from model import create_uniformer, load_pretrained
 from pipeline import recipe, tracking
-from pipeline.clips import build_clip_dataset
+from pipeline.clips import build_clip_dataset, clip_shape
 from pipeline.config import Config, ConfigError, config_from_dict
 from pipeline.manifest import read_manifest
 from pipeline.transforms import normalize_on_device
@@ -115,6 +116,16 @@ def save_checkpoint(directory: Path, state: dict) -> ray.train.Checkpoint:
     return ray.train.Checkpoint.from_directory(str(directory))
 
 
+def memory_batches(cfg: Config, micro_batch: int, seed: int):
+    """Endless in-memory batches shaped like the clip stream's (uint8 clips on the CPU): the same
+    loop with no data pipeline, which `uniformer bench train` compares against the stream."""
+    gen = torch.Generator().manual_seed(seed)
+    batches = [{"clip": torch.randint(0, 256, (micro_batch, *clip_shape(cfg.data)), dtype=torch.uint8, generator=gen),
+                "label": torch.randint(0, cfg.model.num_classes, (micro_batch,), generator=gen),
+                "valid": torch.ones(micro_batch, dtype=torch.bool)} for _ in range(2)]
+    yield from itertools.cycle(batches)
+
+
 def load_checkpoint_state(checkpoint: ray.train.Checkpoint) -> dict:
     with checkpoint.as_directory() as directory:
         return torch.load(Path(directory) / CHECKPOINT_FILE, map_location="cpu", weights_only=False)
@@ -168,17 +179,22 @@ def train_loop_per_worker(loop_config: dict) -> None:
         if is_rank0:
             print(f"resumed from checkpoint at epoch {start_epoch}, step {step}")
     model = ray.train.torch.prepare_model(model)
-    client = tracking.client_for(cfg) if is_rank0 else None
+    client = tracking.client_for(cfg) if is_rank0 and run_id else None  # no run: a benchmark
     with tracking.system_metrics(cfg, run_id):
         for epoch in range(start_epoch, cfg.optim.epochs):
             # Every random draw derives from (seed, rank, epoch): a resumed run repeats an uninterrupted one.
             torch.manual_seed(cfg.train.seed * 100_003 + epoch * 1_009 + rank)
             mix_rng = np.random.default_rng([cfg.train.seed, rank, epoch])
-            shard = worker_shard(train_rows, rank=rank, world=world, seed=cfg.train.seed, epoch=epoch, equal=True)
-            ds = build_clip_dataset(shard, split=cfg.data.train_split, data=cfg.data, storage=cfg.storage,
-                                    training=True, seed=cfg.train.seed, epoch=epoch)
-            batches = iter(ds.iter_torch_batches(batch_size=micro_batch, drop_last=True, prefetch_batches=2))
+            if loop_config.get("data_source") == "memory":
+                batches = memory_batches(cfg, micro_batch, seed=cfg.train.seed + rank)
+            else:
+                shard = worker_shard(train_rows, rank=rank, world=world, seed=cfg.train.seed, epoch=epoch,
+                                     equal=True)
+                ds = build_clip_dataset(shard, split=cfg.data.train_split, data=cfg.data, storage=cfg.storage,
+                                        training=True, seed=cfg.train.seed, epoch=epoch)
+                batches = iter(ds.iter_torch_batches(batch_size=micro_batch, drop_last=True, prefetch_batches=2))
             model.train()
+            epoch_clips, epoch_s, epoch_wait_s = 0, 0.0, 0.0
             for _ in range(epoch_steps):
                 t_step = time.perf_counter()
                 wait_s, loss_sum, skipped, clips_done = 0.0, 0.0, 0, 0
@@ -218,7 +234,9 @@ def train_loop_per_worker(loop_config: dict) -> None:
                     ema.update(model.module if hasattr(model, "module") else model)
                 step += 1
                 step_s = time.perf_counter() - t_step
-                if is_rank0:
+                epoch_clips, epoch_s, epoch_wait_s = epoch_clips + clips_done * world, epoch_s + step_s, \
+                    epoch_wait_s + wait_s
+                if client:
                     tracking.log_metrics(client, run_id, {
                         "train_loss": loss_sum / cfg.optim.grad_accum_steps, "lr": lr,
                         "clips_per_s": clips_done * world / step_s, "data_wait_fraction": wait_s / step_s,
@@ -226,7 +244,9 @@ def train_loop_per_worker(loop_config: dict) -> None:
 
             batches.close()  # stop this epoch's Ray Data executor: a lingering one holds decode CPUs
             epoch += 1
-            metrics = {"epoch": epoch, "step": step, cfg.train.checkpoint_metric: 0.0,
+            # This worker's clips/s and data wait over the epoch (every rank steps in lockstep under DDP).
+            metrics = {"epoch": epoch, "step": step, "epoch_clips_per_s": epoch_clips / epoch_s,
+                       "epoch_data_wait_fraction": epoch_wait_s / epoch_s,
                        **{k: v for k, v in last_val.items() if k != "confusion"}}
             if epoch % cfg.train.val_every_epochs == 0 or epoch == cfg.optim.epochs:
                 eval_model = ema.module if ema is not None else model
@@ -234,13 +254,14 @@ def train_loop_per_worker(loop_config: dict) -> None:
                                                              equal=False), device)
                 last_val = val
                 metrics.update({k: v for k, v in val.items() if k != "confusion"})
-                if is_rank0:
+                if client:
                     tracking.log_metrics(client, run_id, {k: v for k, v in metrics.items() if k.startswith("val_")},
                                          step)
             if is_rank0:
                 shown = {k: round(v, 4) if isinstance(v, float) else v for k, v in metrics.items()}
-                print(f"epoch {epoch}/{cfg.optim.epochs} step {step} loss {loss_sum / cfg.optim.grad_accum_steps:.4f} "
-                      f"{clips_done * world / step_s:.1f} clips/s {shown}", flush=True)
+                print(f"epoch {epoch}/{cfg.optim.epochs} loss {loss_sum / cfg.optim.grad_accum_steps:.4f} {shown}",
+                      flush=True)
+            metrics.setdefault(cfg.train.checkpoint_metric, 0.0)  # Ray ranks checkpoints by it: before any validation
             with tempfile.TemporaryDirectory() as tmp:
                 checkpoint = None
                 if is_rank0 and (epoch % cfg.train.checkpoint_every_epochs == 0 or epoch == cfg.optim.epochs):
@@ -253,28 +274,38 @@ def train_loop_per_worker(loop_config: dict) -> None:
                 ray.train.report(metrics, checkpoint=checkpoint)
 
 
-def run_training(cfg: Config) -> dict:
-    """The driver: check the inputs, open (or continue) the MLflow run, and fit on Ray Train."""
-    from ray.train import CheckpointConfig, FailureConfig, RunConfig, ScalingConfig
-    from ray.train.torch import TorchTrainer
+def with_absolute_inputs(cfg: Config) -> Config:
+    """`cfg` with local input paths made absolute: Train workers run in folders of their own."""
+    from pipeline.storage import absolute
 
-    from pipeline.raycluster import init_ray
-    from pipeline.storage import ray_storage
+    return dataclasses.replace(cfg, data=dataclasses.replace(cfg.data, manifest=absolute(cfg.data.manifest)),
+                               model=dataclasses.replace(cfg.model, init_from=absolute(cfg.model.init_from)))
 
-    cfg = tracking.with_resolved_tracking(cfg)  # workers must log where the driver does
+
+def checked_manifest(cfg: Config) -> pa.Table:
+    """The prepared manifest, checked to hold a training batch; fails before any Ray work."""
     if not cfg.data.manifest:
         raise ConfigError("data.manifest is not set: pass data.manifest=URI of a prepared dataset")
-    manifest = read_manifest(cfg.data.manifest, storage=cfg.storage)  # fails here, before any Ray work
+    manifest = read_manifest(cfg.data.manifest, storage=cfg.storage)
     num_train = split_rows(manifest, cfg.data.train_split).num_rows
     if num_train < cfg.train.batch_size:
         raise ConfigError(f"data.manifest has {num_train} usable {cfg.data.train_split!r} videos, fewer than "
                           f"train.batch_size={cfg.train.batch_size}")
-    run_id = tracking.find_or_create_run(cfg, manifest=manifest)
-    init_ray()
+    return manifest
+
+
+def make_trainer(cfg: Config, run_id: str | None, *, data_source: str = "stream"):
+    """The TorchTrainer of `cfg`; `run_id` None logs nothing to MLflow, `data_source="memory"` trains
+    on `memory_batches` instead of the clip stream."""
+    from ray.train import CheckpointConfig, FailureConfig, RunConfig, ScalingConfig
+    from ray.train.torch import TorchTrainer
+
+    from pipeline.storage import ray_storage
+
     storage_path, storage_fs = ray_storage(cfg.train.storage_path, storage=cfg.storage)
-    trainer = TorchTrainer(
+    return TorchTrainer(
         train_loop_per_worker,
-        train_loop_config={"config": cfg.to_dict(), "mlflow_run_id": run_id},
+        train_loop_config={"config": cfg.to_dict(), "mlflow_run_id": run_id, "data_source": data_source},
         scaling_config=ScalingConfig(num_workers=cfg.train.num_workers, use_gpu=cfg.train.use_gpu,
                                      resources_per_worker={"CPU": cfg.train.cpus_per_worker}),
         run_config=RunConfig(
@@ -284,8 +315,18 @@ def run_training(cfg: Config) -> dict:
                                                checkpoint_score_attribute=cfg.train.checkpoint_metric,
                                                checkpoint_score_order="max")),
     )
+
+
+def run_training(cfg: Config) -> dict:
+    """The driver: check the inputs, open (or continue) the MLflow run, and fit on Ray Train."""
+    from pipeline.raycluster import init_ray
+
+    cfg = with_absolute_inputs(tracking.with_resolved_tracking(cfg))  # workers must read and log as the driver
+    manifest = checked_manifest(cfg)
+    run_id = tracking.find_or_create_run(cfg, manifest=manifest)
+    init_ray()
     t0 = time.perf_counter()
-    result = trainer.fit()
+    result = make_trainer(cfg, run_id).fit()
     state = load_checkpoint_state(result.checkpoint)
     models = tracking.finish_training_run(cfg, run_id, state, tracking.dataset_labels(cfg, manifest))
     return {**models, "tracking_uri": tracking.tracking_uri(cfg), "checkpoint": result.checkpoint.path,

@@ -30,7 +30,25 @@ def test_bench_data_tiny_run(tmp_path, capsys, ray_local):
                                                    "--seek-clips", "0"])["throughput"].keys() == {"loop"}
 
 
+def test_bench_train_stream_against_memory(tmp_path, capsys, ray_local):
+    summary = bench.main(["train", "--videos-per-class", "4", "--steps", "2", "--work-dir", str(tmp_path),
+                          "train.batch_size=8"])
+    line = json.loads(capsys.readouterr().out.strip().splitlines()[-1])
+    assert line["bench"] == "train" and line["variant"] == "uniformer_xs"  # the demo config by default
+    for source in ("stream", "memory"):
+        assert summary[source]["steps"] == 4  # 2 epochs x 2 steps
+        assert summary[source]["clips_per_s"] > 0
+    # From memory the loop never waits; the stream at least waits for each epoch's first batch.
+    assert summary["memory"]["data_wait_fraction"] < 0.05
+    assert summary["stream"]["data_wait_fraction"] > summary["memory"]["data_wait_fraction"]
+    ratio = summary["stream"]["clips_per_s"] / summary["memory"]["clips_per_s"]
+    assert summary["data_stall_fraction"] == pytest.approx(1 - ratio, abs=2e-3)
+    assert (tmp_path / "synth_6x4_seed0" / "prepared" / "manifest.parquet").exists()
+
+
 @pytest.mark.parametrize("argv, match", [
+    (["train", "--epochs", "1"], "1 must be at least 2"),
+    (["train", "--manifest", "/nonexistent/prepared"], "/nonexistent/prepared/manifest.parquet: no such file"),
     (["data", "--modes", "loop,gpu"], "use a comma-separated subset of loop, pool, ray"),
     (["data", "--height", "47"], "must be even"),
     (["data", "data.crop_size=30"], "config error: data.crop_size must be a multiple of 32"),

@@ -200,15 +200,18 @@ def test_cli_errors_are_one_line(tmp_path, capsys):
     assert "0 must be at least 1" in capsys.readouterr().err
 
 
-def test_no_transcode_points_at_originals(dataset, tmp_path, capsys):
+def test_no_transcode_points_at_originals(dataset, tmp_path, capsys, monkeypatch):
     folder, expected = dataset
     out = str(tmp_path / "probed")
-    summary = run_cli(capsys, "--annotations", str(folder / "train.txt"), "--videos", str(folder / "videos"),
-                      "--output", out, "--no-transcode", "--executor", "inline")
+    monkeypatch.chdir(tmp_path)  # relative folders in, absolute paths in the manifest (workers run elsewhere)
+    summary = run_cli(capsys, "--annotations", str(folder / "train.txt"), "--videos",
+                      os.path.relpath(folder / "videos"), "--output", "probed", "--no-transcode",
+                      "--executor", "inline")
     rows = mf.read_manifest(out).to_pylist()
     assert [r["status"] for r in rows] == list(expected.values())
     ok = [r for r in rows if r["status"] == "ok"]
     assert all(r["path"] == r["source_path"] and r["frame_stride"] == 1 and not r["transcoded"] for r in ok)
+    assert all(os.path.isabs(r["path"]) and os.path.exists(r["path"]) for r in ok)
     assert summary["transcoded"] == 0 and not (tmp_path / "probed/videos").exists()
 
 

@@ -83,7 +83,9 @@ def test_learns_the_motion_set_and_survives_a_lost_worker(tmp_path, motion_set, 
 
 def test_resume_continues_at_the_right_step_and_seed_fixes_the_first_loss(tmp_path, motion_set,
                                                                              two_node_cluster):
-    short = (f"data.manifest={motion_set}", "train.max_steps_per_epoch=2", "optim.warmup_epochs=0")
+    # A relative manifest path: Train workers run in other folders, so the driver must resolve it.
+    short = (f"data.manifest={os.path.relpath(motion_set, ROOT)}", "train.max_steps_per_epoch=2",
+             "optim.warmup_epochs=0")
     first, _ = run_train(tmp_path, two_node_cluster, *short, "train.run_name=resume", "optim.epochs=1")
     assert (first["epochs"], first["steps"]) == (1, 2)
     resumed, log = run_train(tmp_path, two_node_cluster, *short, "train.run_name=resume", "optim.epochs=2")
