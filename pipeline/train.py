@@ -245,18 +245,15 @@ def train_loop_per_worker(loop_config: dict) -> None:
             batches.close()  # stop this epoch's Ray Data executor: a lingering one holds decode CPUs
             epoch += 1
             # This worker's clips/s and data wait over the epoch (every rank steps in lockstep under DDP).
-            metrics = {"epoch": epoch, "step": step, "epoch_clips_per_s": epoch_clips / epoch_s,
-                       "epoch_data_wait_fraction": epoch_wait_s / epoch_s,
-                       **{k: v for k, v in last_val.items() if k != "confusion"}}
+            fresh = {"epoch_clips_per_s": epoch_clips / epoch_s, "epoch_data_wait_fraction": epoch_wait_s / epoch_s}
             if epoch % cfg.train.val_every_epochs == 0 or epoch == cfg.optim.epochs:
                 eval_model = ema.module if ema is not None else model
-                val = validate(eval_model, cfg, worker_shard(val_rows, rank=rank, world=world, seed=0, epoch=0,
-                                                             equal=False), device)
-                last_val = val
-                metrics.update({k: v for k, v in val.items() if k != "confusion"})
-                if client:
-                    tracking.log_metrics(client, run_id, {k: v for k, v in metrics.items() if k.startswith("val_")},
-                                         step)
+                last_val = validate(eval_model, cfg, worker_shard(val_rows, rank=rank, world=world, seed=0, epoch=0,
+                                                                  equal=False), device)
+                fresh.update({k: v for k, v in last_val.items() if k != "confusion"})
+            if client:
+                tracking.log_metrics(client, run_id, fresh, step)
+            metrics = {"epoch": epoch, "step": step, **{k: v for k, v in last_val.items() if k != "confusion"}, **fresh}
             if is_rank0:
                 shown = {k: round(v, 4) if isinstance(v, float) else v for k, v in metrics.items()}
                 print(f"epoch {epoch}/{cfg.optim.epochs} loss {loss_sum / cfg.optim.grad_accum_steps:.4f} {shown}",

@@ -79,6 +79,8 @@ def test_learns_the_motion_set_and_survives_a_lost_worker(tmp_path, motion_set, 
     assert [r.info.run_id for r in runs] == [summary["run_id"]]  # recovery continued the same run
     losses = client.get_metric_history(summary["run_id"], "train_loss")
     assert {m.step for m in losses} >= set(range(1, summary["steps"] + 1))
+    speeds = client.get_metric_history(summary["run_id"], "epoch_clips_per_s")
+    assert len(speeds) >= summary["epochs"] and all(m.value > 0 for m in speeds)  # a recovered epoch logs twice
 
 
 def test_resume_continues_at_the_right_step_and_seed_fixes_the_first_loss(tmp_path, motion_set,
