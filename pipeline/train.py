@@ -9,6 +9,7 @@ from __future__ import annotations
 import contextlib
 import dataclasses
 import itertools
+import logging
 import tempfile
 import time
 from pathlib import Path
@@ -31,6 +32,8 @@ from pipeline.manifest import read_manifest
 from pipeline.transforms import normalize_on_device
 
 CHECKPOINT_FILE = "checkpoint.pt"
+# Ray Train routes workers' logging to the driver; its patched print() would show each line twice.
+log = logging.getLogger(__name__)
 
 
 def split_rows(manifest: pa.Table, split: str) -> pa.Table:
@@ -153,7 +156,7 @@ def train_loop_per_worker(loop_config: dict) -> None:
     if cfg.model.init_from:
         report = load_pretrained(model, cfg.model.init_from)
         if is_rank0:
-            print(f"init from {cfg.model.init_from}: {report}")
+            log.info(f"init from {cfg.model.init_from}: {report}")
     micro_batch = cfg.train.batch_size // (world * cfg.optim.grad_accum_steps)
     base_lr = recipe.scaled_lr(cfg.optim.lr_per_32, cfg.train.batch_size)
     optimizer = torch.optim.AdamW(recipe.param_groups(model, cfg.optim.weight_decay), lr=base_lr,
@@ -177,7 +180,7 @@ def train_loop_per_worker(loop_config: dict) -> None:
         start_epoch, step, last_val = state["epoch"], state["step"], state["last_val"]
         run_id = state["mlflow_run_id"]
         if is_rank0:
-            print(f"resumed from checkpoint at epoch {start_epoch}, step {step}")
+            log.info(f"resumed from checkpoint at epoch {start_epoch}, step {step}")
     model = ray.train.torch.prepare_model(model)
     client = tracking.client_for(cfg) if is_rank0 and run_id else None  # no run: a benchmark
     with tracking.system_metrics(cfg, run_id):
@@ -256,8 +259,7 @@ def train_loop_per_worker(loop_config: dict) -> None:
             metrics = {"epoch": epoch, "step": step, **{k: v for k, v in last_val.items() if k != "confusion"}, **fresh}
             if is_rank0:
                 shown = {k: round(v, 4) if isinstance(v, float) else v for k, v in metrics.items()}
-                print(f"epoch {epoch}/{cfg.optim.epochs} loss {loss_sum / cfg.optim.grad_accum_steps:.4f} {shown}",
-                      flush=True)
+                log.info(f"epoch {epoch}/{cfg.optim.epochs} loss {loss_sum / cfg.optim.grad_accum_steps:.4f} {shown}")
             metrics.setdefault(cfg.train.checkpoint_metric, 0.0)  # Ray ranks checkpoints by it: before any validation
             with tempfile.TemporaryDirectory() as tmp:
                 checkpoint = None
