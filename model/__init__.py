@@ -10,7 +10,7 @@ from __future__ import annotations
 from typing import Any
 
 from model.checkpoint import LoadReport, inflate_2d_to_3d, load_pretrained, unwrap_state_dict
-from model.uniformer import OVERRIDES, VARIANTS, UniFormer, uniformer_b, uniformer_s, uniformer_xs
+from model.uniformer import OVERRIDES, VARIANTS, UniFormer, fold_batchnorm, uniformer_b, uniformer_s, uniformer_xs
 
 _BUILDERS = {"uniformer_xs": uniformer_xs, "uniformer_s": uniformer_s, "uniformer_b": uniformer_b}
 
@@ -24,8 +24,8 @@ def create_uniformer(name: str, num_classes: int = 400, **overrides: Any) -> Uni
     """Build a named variant with freshly initialised weights.
 
     `overrides` replace architecture or runtime arguments of `UniFormer` (`drop_path_rate`,
-    `attn_impl` "sdpa" | "math", `grad_checkpointing`, `depths`, `embed_dims`, `head_dim`,
-    `mlp_ratio`, `qkv_bias`); anything else is a TypeError.
+    `attn_impl` "sdpa" | "math", `layout` "tokens" | "channels_first", `grad_checkpointing`,
+    `depths`, `embed_dims`, `head_dim`, `mlp_ratio`, `qkv_bias`); anything else is a TypeError.
     """
     if name not in _BUILDERS:
         raise ValueError(f"unknown UniFormer variant {name!r}; known variants: {', '.join(_BUILDERS)}")
@@ -38,6 +38,7 @@ __all__ = [
     "LoadReport",
     "UniFormer",
     "create_uniformer",
+    "fold_batchnorm",
     "inflate_2d_to_3d",
     "list_variants",
     "load_pretrained",

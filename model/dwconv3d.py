@@ -9,7 +9,8 @@ activation takes 15.4 ms forward + backward on an H200, about 69% of an official
 - `depthwise_conv3d(x, weight, bias)`: (B, C, T, H, W) in and out, any memory format.
 - `depthwise_conv3d_tokens(x, weight, bias)`: token-major (B, T, H, W, C) in and out.
 - `DepthwiseConv3d`: an `nn.Conv3d` (same parameters, so the same state-dict keys and shapes)
-  whose forward takes the Triton path on CUDA tensors and plain `F.conv3d` elsewhere.
+  whose forward takes the Triton path on CUDA tensors and plain `F.conv3d` elsewhere; built
+  with `tokens=True` it takes and returns token-major maps.
 
 Kernels (all work in the token-major layout (B, T, H, W, C), C contiguous, so that a warp's
 loads run along channels and coalesce; every sum is accumulated in fp32):
@@ -45,7 +46,9 @@ dtypes of their tensors.
 
 Without a GPU the kernels run on CPU tensors in Triton's interpreter (`TRITON_INTERPRET=1`
 set before triton is imported); tests use that on small shapes. Without triton, or on a CPU
-tensor otherwise, everything is `F.conv3d`.
+tensor otherwise, everything is `F.conv3d`. A token-major map reaches `F.conv3d` as a permuted
+view, which is a channels_last_3d tensor: no copy, and PyTorch's CPU (oneDNN) convolution keeps
+that format in its output, so the result permutes back to a contiguous token-major map.
 """
 
 from __future__ import annotations
@@ -428,10 +431,11 @@ class DepthwiseConv3d(nn.Conv3d):
 
     Same parameters as nn.Conv3d, so state dicts are unchanged. `impl` ("auto" | "torch") can be
     switched per module, e.g. by `set_depthwise_impl(model, "torch")` for a reference run.
+    `tokens=True`: input and output are token-major (B, T, H, W, C) instead of (B, C, T, H, W).
     """
 
     def __init__(self, dim: int, kernel_size: int | tuple[int, int, int] = 3, bias: bool = True,
-                 impl: Impl = "auto", device=None, dtype=None):
+                 impl: Impl = "auto", tokens: bool = False, device=None, dtype=None):
         ksize = _triple(kernel_size)
         if len(ksize) != 3 or any(k not in KERNEL_SIZES for k in ksize):
             raise ValueError(f"kernel_size must be {KERNEL_SIZES} or a triple of them, got {kernel_size!r}")
@@ -440,14 +444,17 @@ class DepthwiseConv3d(nn.Conv3d):
         super().__init__(dim, dim, ksize, padding=tuple(k // 2 for k in ksize), groups=dim, bias=bias,
                          device=device, dtype=dtype)
         self.impl = impl
+        self.tokens = tokens
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
+        if self.tokens:
+            return depthwise_conv3d_tokens(x, self.weight, self.bias, impl=self.impl)
         if self.impl == "torch" or (self.impl == "auto" and not triton_usable(x)):
             return self._conv_forward(x, self.weight, self.bias)
         return depthwise_conv3d(x, self.weight, self.bias, impl="triton")
 
     def extra_repr(self) -> str:
-        return super().extra_repr() + f", impl={self.impl!r}"
+        return super().extra_repr() + f", impl={self.impl!r}, tokens={self.tokens}"
 
 
 def set_depthwise_impl(module: nn.Module, impl: Impl) -> int:

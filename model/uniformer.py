@@ -9,17 +9,31 @@ checkpoints (Sense-X/UniFormer, Kinetics-400/600 and Something-Something V1/V2),
 with `load_state_dict(..., strict=True)` and give the official logits. ImageNet-1k 2D
 checkpoints load through `model.checkpoint.load_pretrained`, which inflates them to 3D.
 
-Layout: four stages. Stages 1-2 use local multi-head relation aggregation (MHRA, a depthwise
-5x5x5 convolution between two 1x1x1 convolutions: `CBlock`); stages 3-4 use global MHRA
-(self-attention over all T*H*W tokens: `SABlock`). Every block starts with a dynamic position
-embedding (DPE, a depthwise 3x3x3 convolution). The stem is the only temporal downsampling
-(stride 2); spatial stride is 4, then 2 per stage, 32 in all.
+Architecture: four stages. Stages 1-2 use local multi-head relation aggregation (MHRA, a
+depthwise 5x5x5 convolution between two 1x1x1 convolutions: `CBlock`); stages 3-4 use global
+MHRA (self-attention over all T*H*W tokens: `SABlock`). Every block starts with a dynamic
+position embedding (DPE, a depthwise 3x3x3 convolution). The stem is the only temporal
+downsampling (stride 2); spatial stride is 4, then 2 per stage, 32 in all.
+
+Memory layout: by default (`layout="tokens"`) activations are token-major (B, T, H, W, C), C
+contiguous, from the stem's output to the head. The 1x1x1 convolutions are then matrix products
+over the last dim (`F.linear` on the conv weight viewed as (out, in)), BatchNorm normalises the
+last dim, the attention stages flatten to (B, N, C) with a view instead of a copy, the depthwise
+convolutions take the token-major entry of `model.dwconv3d` (Triton on CUDA; elsewhere F.conv3d
+on a channels_last_3d view), and the patch embeds' strided convolutions read a channels_last_3d
+view too. `layout="channels_first"` runs the same weights in the original code's
+(B, C, T, H, W) layout with plain nn.Conv3d and BatchNorm3d calls: the reference formulation for
+tests and benchmarks. Parameters and state dicts are the same in both.
+
+Inference: `fold_batchnorm(net)` returns an eval-only copy with every BatchNorm folded into the
+linear map that follows it.
 
 Pure PyTorch + einops: nothing here knows about Ray, MLflow, configs or optimizers.
 """
 
 from __future__ import annotations
 
+import copy
 import inspect
 from typing import Any, Literal, Sequence
 
@@ -33,6 +47,8 @@ from model.dwconv3d import DepthwiseConv3d
 
 AttnImpl = Literal["sdpa", "math"]
 ATTN_IMPLS: tuple[str, ...] = ("sdpa", "math")
+Layout = Literal["tokens", "channels_first"]
+LAYOUTS: tuple[str, ...] = ("tokens", "channels_first")
 
 
 # --------------------------------------------------------------------------------------------
@@ -58,14 +74,49 @@ class DropPath(nn.Module):
         return f"p={self.p:.3f}"
 
 
-class ConvMlp(nn.Module):
-    """Channel MLP on (B, C, T, H, W) maps, as 1x1x1 convolutions (stages 1-2)."""
+class PointwiseConv3d(nn.Conv3d):
+    """1x1x1 Conv3d, with the released checkpoints' (out, in, 1, 1, 1) weight.
 
-    def __init__(self, dim: int, hidden_dim: int):
+    `tokens=True`: takes and returns token-major maps (..., C) and computes the same map as a
+    matrix product over the last dim, which needs no layout change.
+    """
+
+    def __init__(self, in_dim: int, out_dim: int, tokens: bool = True):
+        super().__init__(in_dim, out_dim, kernel_size=1)
+        self.tokens = tokens
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        if self.tokens:
+            return F.linear(x, self.weight.flatten(1), self.bias)
+        return super().forward(x)
+
+
+class ChannelBatchNorm(nn.BatchNorm3d):
+    """BatchNorm3d (same parameters and buffers) that also takes token-major maps (`tokens=True`).
+
+    A (B, T, H, W, C) map is normalised as a (B*T*H*W, C, 1, 1, 1) view by BatchNorm3d's own
+    forward: per-channel statistics over the same positions, and the same running-stat updates
+    (momentum, num_batches_tracked, unbiased variance) as on the (B, C, T, H, W) map.
+    """
+
+    def __init__(self, dim: int, tokens: bool = True):
+        super().__init__(dim)
+        self.tokens = tokens
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        if self.tokens:
+            return super().forward(x.reshape(-1, x.shape[-1], 1, 1, 1)).view(x.shape)
+        return super().forward(x)
+
+
+class ConvMlp(nn.Module):
+    """Channel MLP of stages 1-2 as 1x1x1 convolutions, on maps in either layout."""
+
+    def __init__(self, dim: int, hidden_dim: int, tokens: bool = True):
         super().__init__()
-        self.fc1 = nn.Conv3d(dim, hidden_dim, kernel_size=1)
+        self.fc1 = PointwiseConv3d(dim, hidden_dim, tokens)
         self.act = nn.GELU()
-        self.fc2 = nn.Conv3d(hidden_dim, dim, kernel_size=1)
+        self.fc2 = PointwiseConv3d(hidden_dim, dim, tokens)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         return self.fc2(self.act(self.fc1(x)))
@@ -114,21 +165,21 @@ class Attention(nn.Module):
 
 
 class CBlock(nn.Module):
-    """Local MHRA block (stages 1-2) on (B, C, T, H, W) maps.
+    """Local MHRA block (stages 1-2) on (B, T, H, W, C) maps, or (B, C, T, H, W) with tokens=False.
 
     x + DPE(x); x + conv1x1(dwconv5x5x5(conv1x1(BN(x)))); x + MLP(BN(x)).
     Submodules are registered in the order of the released checkpoints' keys.
     """
 
-    def __init__(self, dim: int, mlp_ratio: float = 4.0, drop_path: float = 0.0):
+    def __init__(self, dim: int, mlp_ratio: float = 4.0, drop_path: float = 0.0, tokens: bool = True):
         super().__init__()
-        self.pos_embed = DepthwiseConv3d(dim, kernel_size=3)  # Triton kernels on CUDA, else F.conv3d
-        self.norm1 = nn.BatchNorm3d(dim)
-        self.conv1 = nn.Conv3d(dim, dim, kernel_size=1)
-        self.conv2 = nn.Conv3d(dim, dim, kernel_size=1)
-        self.attn = DepthwiseConv3d(dim, kernel_size=5)
-        self.norm2 = nn.BatchNorm3d(dim)
-        self.mlp = ConvMlp(dim, int(dim * mlp_ratio))
+        self.pos_embed = DepthwiseConv3d(dim, kernel_size=3, tokens=tokens)  # Triton on CUDA, else F.conv3d
+        self.norm1 = ChannelBatchNorm(dim, tokens)
+        self.conv1 = PointwiseConv3d(dim, dim, tokens)
+        self.conv2 = PointwiseConv3d(dim, dim, tokens)
+        self.attn = DepthwiseConv3d(dim, kernel_size=5, tokens=tokens)
+        self.norm2 = ChannelBatchNorm(dim, tokens)
+        self.mlp = ConvMlp(dim, int(dim * mlp_ratio), tokens)
         self.drop_path = DropPath(drop_path)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
@@ -139,7 +190,10 @@ class CBlock(nn.Module):
 
 
 class SABlock(nn.Module):
-    """Global MHRA block (stages 3-4): DPE on the map, then a transformer block on its tokens."""
+    """Global MHRA block (stages 3-4): DPE on the map, then a transformer block on its tokens.
+
+    Maps are (B, T, H, W, C), or (B, C, T, H, W) with tokens=False.
+    """
 
     def __init__(
         self,
@@ -149,9 +203,11 @@ class SABlock(nn.Module):
         qkv_bias: bool = True,
         drop_path: float = 0.0,
         attn_impl: AttnImpl = "sdpa",
+        tokens: bool = True,
     ):
         super().__init__()
-        self.pos_embed = DepthwiseConv3d(dim, kernel_size=3)
+        self.tokens = tokens
+        self.pos_embed = DepthwiseConv3d(dim, kernel_size=3, tokens=tokens)
         self.norm1 = nn.LayerNorm(dim, eps=1e-6)
         self.attn = Attention(dim, head_dim, qkv_bias=qkv_bias, attn_impl=attn_impl)
         self.norm2 = nn.LayerNorm(dim, eps=1e-6)
@@ -160,11 +216,14 @@ class SABlock(nn.Module):
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         x = x + self.pos_embed(x)
-        t, h, w = x.shape[2:]
-        x = rearrange(x, "b c t h w -> b (t h w) c")  # (B, N, C), N = T*H*W
+        shape = x.shape
+        # (B, N, C), N = T*H*W: a view of a token-major map, a copy of a (B, C, T, H, W) one.
+        x = x.flatten(1, 3) if self.tokens else rearrange(x, "b c t h w -> b (t h w) c")
         x = x + self.drop_path(self.attn(self.norm1(x)))
         x = x + self.drop_path(self.mlp(self.norm2(x)))
-        return rearrange(x, "b (t h w) c -> b c t h w", t=t, h=h, w=w)
+        if self.tokens:
+            return x.view(shape)
+        return rearrange(x, "b (t h w) c -> b c t h w", t=shape[2], h=shape[3], w=shape[4])
 
 
 class PatchEmbed(nn.Module):
@@ -172,6 +231,7 @@ class PatchEmbed(nn.Module):
 
     The stem uses kernel (3, 4, 4), stride (2, 4, 4), padding (1, 0, 0); later stages use
     kernel = stride = (1, 2, 2). `norm` is registered first, as in the released checkpoints.
+    Maps are (B, T, H, W, C) in and out, or (B, C, T, H, W) with tokens=False.
     """
 
     def __init__(
@@ -181,16 +241,21 @@ class PatchEmbed(nn.Module):
         kernel_size: tuple[int, int, int],
         stride: tuple[int, int, int],
         padding: tuple[int, int, int] = (0, 0, 0),
+        tokens: bool = True,
     ):
         super().__init__()
+        self.tokens = tokens
         self.norm = nn.LayerNorm(out_dim, eps=1e-5)
         self.proj = nn.Conv3d(in_dim, out_dim, kernel_size=kernel_size, stride=stride, padding=padding)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        x = self.proj(x)  # (B, C, T, H, W)
-        x = self.norm(x.permute(0, 2, 3, 4, 1))  # (B, T, H, W, C)
-        # Back to contiguous NCDHW: the depthwise 3D convolutions that follow are no faster
-        # (the 3x3x3 ones slower) in channels-last-3d.
+        if self.tokens:
+            x = x.permute(0, 4, 1, 2, 3)  # a channels_last_3d view, which the conv reads without a copy
+        x = self.proj(x)  # (B, C, T, H, W), channels_last_3d strides when the input had them
+        x = self.norm(x.permute(0, 2, 3, 4, 1))  # (B, T, H, W, C), copied once if not contiguous
+        if self.tokens:
+            return x
+        # Back to contiguous NCDHW, the layout of the original code.
         return x.permute(0, 4, 1, 2, 3).contiguous()
 
 
@@ -203,6 +268,8 @@ class UniFormer(nn.Module):
     """UniFormer video classifier: (B, 3, T, H, W) float clips -> (B, num_classes) logits.
 
     T must be even (the stem halves it) and H, W multiples of 32 (the total spatial stride).
+    `layout`: "tokens" (token-major activations, the fast default) or "channels_first" (the
+    original code's (B, C, T, H, W) formulation); see the module docstring.
     """
 
     def __init__(
@@ -216,39 +283,43 @@ class UniFormer(nn.Module):
         qkv_bias: bool = True,
         drop_path_rate: float = 0.0,
         attn_impl: AttnImpl = "sdpa",
+        layout: Layout = "tokens",
         grad_checkpointing: bool = False,
     ):
         super().__init__()
         depths, embed_dims = tuple(depths), tuple(embed_dims)
-        _check_arch(num_classes, depths, embed_dims, head_dim, mlp_ratio, drop_path_rate, attn_impl)
+        _check_arch(num_classes, depths, embed_dims, head_dim, mlp_ratio, drop_path_rate, attn_impl, layout)
         self.num_classes = num_classes
         self.num_features = embed_dims[-1]
         self.depths, self.embed_dims, self.head_dim = depths, embed_dims, head_dim
+        self.layout = layout
+        self.batchnorm_folded = False  # set by fold_batchnorm on its copy
+        tokens = layout == "tokens"
 
-        self.patch_embed1 = PatchEmbed(3, embed_dims[0], (3, 4, 4), (2, 4, 4), (1, 0, 0))
-        self.patch_embed2 = PatchEmbed(embed_dims[0], embed_dims[1], (1, 2, 2), (1, 2, 2))
-        self.patch_embed3 = PatchEmbed(embed_dims[1], embed_dims[2], (1, 2, 2), (1, 2, 2))
-        self.patch_embed4 = PatchEmbed(embed_dims[2], embed_dims[3], (1, 2, 2), (1, 2, 2))
+        self.patch_embed1 = PatchEmbed(3, embed_dims[0], (3, 4, 4), (2, 4, 4), (1, 0, 0), tokens)
+        self.patch_embed2 = PatchEmbed(embed_dims[0], embed_dims[1], (1, 2, 2), (1, 2, 2), tokens=tokens)
+        self.patch_embed3 = PatchEmbed(embed_dims[1], embed_dims[2], (1, 2, 2), (1, 2, 2), tokens=tokens)
+        self.patch_embed4 = PatchEmbed(embed_dims[2], embed_dims[3], (1, 2, 2), (1, 2, 2), tokens=tokens)
 
         # Stochastic depth rises linearly from 0 over all blocks of all stages.
         num_blocks = sum(depths)
         dpr = [drop_path_rate * i / max(num_blocks - 1, 1) for i in range(num_blocks)]
         starts = [sum(depths[:i]) for i in range(4)]
         self.blocks1 = nn.ModuleList(
-            CBlock(embed_dims[0], mlp_ratio, dpr[starts[0] + i]) for i in range(depths[0])
+            CBlock(embed_dims[0], mlp_ratio, dpr[starts[0] + i], tokens) for i in range(depths[0])
         )
         self.blocks2 = nn.ModuleList(
-            CBlock(embed_dims[1], mlp_ratio, dpr[starts[1] + i]) for i in range(depths[1])
+            CBlock(embed_dims[1], mlp_ratio, dpr[starts[1] + i], tokens) for i in range(depths[1])
         )
         self.blocks3 = nn.ModuleList(
-            SABlock(embed_dims[2], head_dim, mlp_ratio, qkv_bias, dpr[starts[2] + i], attn_impl)
+            SABlock(embed_dims[2], head_dim, mlp_ratio, qkv_bias, dpr[starts[2] + i], attn_impl, tokens)
             for i in range(depths[2])
         )
         self.blocks4 = nn.ModuleList(
-            SABlock(embed_dims[3], head_dim, mlp_ratio, qkv_bias, dpr[starts[3] + i], attn_impl)
+            SABlock(embed_dims[3], head_dim, mlp_ratio, qkv_bias, dpr[starts[3] + i], attn_impl, tokens)
             for i in range(depths[3])
         )
-        self.norm = nn.BatchNorm3d(embed_dims[3])
+        self.norm = ChannelBatchNorm(embed_dims[3], tokens)
         self.head = _make_head(self.num_features, num_classes)
 
         self.grad_checkpointing_stages: frozenset[int] = frozenset()
@@ -269,29 +340,55 @@ class UniFormer(nn.Module):
         """Replace the head with a freshly initialised one (`num_classes=0`: no head, features out)."""
         if num_classes < 0:
             raise ValueError(f"num_classes must be >= 0, got {num_classes}")
+        if self.batchnorm_folded:
+            raise RuntimeError("the final BatchNorm of this fold_batchnorm copy is folded into its head; "
+                               "reset the classifier of the unfolded model, then fold it again")
         self.num_classes = num_classes
         self.head = _make_head(self.num_features, num_classes).to(self.norm.weight.device)
         self.head.apply(_init_weights)
 
     def forward_features(self, x: torch.Tensor) -> torch.Tensor:
-        """(B, 3, T, H, W) -> normalised last-stage map (B, C4, T/2, H/32, W/32)."""
-        x = self.patch_embed1(x)  # (B, C1, T/2, H/4, W/4)
+        """(B, 3, T, H, W) -> normalised last-stage map, token-major (B, T/2, H/32, W/32, C4).
+
+        In either layout. On a `fold_batchnorm` copy the map is not yet normalised: the final
+        BatchNorm lives in its head.
+        """
+        tokens = self.layout == "tokens"
+        if tokens:
+            # A view: the stem's conv reads it back as the clip itself, then LayerNorm copies
+            # its output once to the contiguous (B, T, H, W, C) map that stays to the head.
+            x = x.permute(0, 2, 3, 4, 1)
+        # Shapes as token-major; in the channels_first layout C comes second.
+        x = self.patch_embed1(x)  # (B, T/2, H/4, W/4, C1)
         x = self._run_stage(1, self.blocks1, x)
-        x = self.patch_embed2(x)  # (B, C2, T/2, H/8, W/8)
+        x = self.patch_embed2(x)  # (B, T/2, H/8, W/8, C2)
         x = self._run_stage(2, self.blocks2, x)
-        x = self.patch_embed3(x)  # (B, C3, T/2, H/16, W/16)
+        x = self.patch_embed3(x)  # (B, T/2, H/16, W/16, C3)
         x = self._run_stage(3, self.blocks3, x)
-        x = self.patch_embed4(x)  # (B, C4, T/2, H/32, W/32)
+        x = self.patch_embed4(x)  # (B, T/2, H/32, W/32, C4)
         x = self._run_stage(4, self.blocks4, x)
-        return self.norm(x)
+        x = self.norm(x)
+        return x if tokens else x.permute(0, 2, 3, 4, 1)
 
     def forward_head(self, x: torch.Tensor, pre_logits: bool = False) -> torch.Tensor:
-        x = x.mean(dim=(2, 3, 4))  # (B, C4)
+        """Token-major (B, T', H', W', C4) map -> logits (or pooled features with pre_logits)."""
+        x = x.mean(dim=(1, 2, 3))  # (B, C4)
         return x if pre_logits else self.head(x)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         _check_input(x)
         return self.forward_head(self.forward_features(x))
+
+    def train(self, mode: bool = True) -> "UniFormer":
+        if mode and self.batchnorm_folded:
+            raise RuntimeError(
+                "this UniFormer has its BatchNorms folded into the layers after them (fold_batchnorm), "
+                "which holds only for inference; train the unfolded model and fold a fresh copy"
+            )
+        return super().train(mode)
+
+    def extra_repr(self) -> str:
+        return f"layout={self.layout!r}" + (", batchnorm_folded=True" if self.batchnorm_folded else "")
 
     # -- internals ---------------------------------------------------------------------------
 
@@ -314,6 +411,7 @@ def _check_arch(
     mlp_ratio: float,
     drop_path_rate: float,
     attn_impl: str,
+    layout: str,
 ) -> None:
     if not (isinstance(num_classes, int) and num_classes >= 0):
         raise ValueError(f"num_classes must be an int >= 0, got {num_classes!r}")
@@ -331,6 +429,8 @@ def _check_arch(
         raise ValueError(f"drop_path_rate must be in [0, 1), got {drop_path_rate!r}")
     if attn_impl not in ATTN_IMPLS:
         raise ValueError(f"attn_impl={attn_impl!r} is not one of {ATTN_IMPLS}")
+    if layout not in LAYOUTS:
+        raise ValueError(f"layout={layout!r} is not one of {LAYOUTS}")
 
 
 def _check_input(x: torch.Tensor) -> None:
@@ -376,6 +476,48 @@ def _init_weights(module: nn.Module) -> None:
     elif isinstance(module, nn.LayerNorm):
         nn.init.ones_(module.weight)
         nn.init.zeros_(module.bias)
+
+
+# --------------------------------------------------------------------------------------------
+# Inference: BatchNorm folding
+# --------------------------------------------------------------------------------------------
+
+
+@torch.no_grad()
+def fold_batchnorm(net: UniFormer) -> UniFormer:
+    """An inference-only copy of `net` with each BatchNorm folded into the linear map after it.
+
+    In eval mode a BatchNorm is a per-channel affine map x * s + t (s = weight / sqrt(running_var
+    + eps), t = bias - running_mean * s), and each of UniFormer's is followed by a map linear in
+    the channels: CBlock's norm1 by conv1, norm2 by mlp.fc1, and the final norm by the mean over
+    T, H, W (which commutes with a per-channel affine) and the head. W (x * s + t) + b is
+    (W * s) x + (W t + b), so those layers absorb the norms, which become identities: the copy
+    computes `net.eval()`'s logits (up to rounding; the folding is done in float64) with one pass
+    over the activations fewer per norm. Without a head (num_classes=0) the final norm stays.
+
+    The copy is in eval mode and its `train()` (batch statistics cannot be folded) and
+    `reset_classifier()` raise. Its state dict lacks the folded norms, so save and load `net`'s.
+    `net` is not changed.
+    """
+    folded = copy.deepcopy(net).eval()
+    for block in (*folded.blocks1, *folded.blocks2):
+        _fold_into(block.norm1, block.conv1)
+        _fold_into(block.norm2, block.mlp.fc1)
+        block.norm1, block.norm2 = nn.Identity(), nn.Identity()
+    if isinstance(folded.head, nn.Linear):
+        _fold_into(folded.norm, folded.head)
+        folded.norm = nn.Identity()
+    folded.batchnorm_folded = True
+    return folded
+
+
+def _fold_into(norm: nn.BatchNorm3d, layer: nn.Module) -> None:
+    """Fold eval-mode `norm` into `layer` (a Linear, or a 1x1x1 conv) that reads its output."""
+    scale = norm.weight.double() * (norm.running_var.double() + norm.eps).rsqrt()
+    shift = norm.bias.double() - norm.running_mean.double() * scale
+    weight = layer.weight.double().flatten(1)  # (out, in)
+    layer.bias.copy_(layer.bias.double() + weight @ shift)
+    layer.weight.copy_((weight * scale).view(layer.weight.shape))
 
 
 # --------------------------------------------------------------------------------------------

@@ -2,6 +2,7 @@
 
     uniformer bench model --variant S --frames 16 --batch 16 --size 224 --mode train --precision bf16 --compare
     uniformer bench model --variant xs --frames 4 --size 64 --batch 2 --steps 3   # CPU smoke run
+    uniformer bench model --variant xs --frames 8 --size 64 --batch 8 --mode infer --fold-bn --compare
     uniformer bench dwconv --shape 16,64,8,56,56 --kernel 5 --precision bf16   # one conv, GPU
 
 `model` times a training step (forward, backward, AdamW: fused on CUDA) or an inference step
@@ -10,10 +11,13 @@ network's multiply-adds x 2, x 3 for a training step, over the GPU's dense peak 
 precision from `PEAK_TFLOPS`; null on CPU or an unknown GPU).
 
 Two formulations of the same weights:
-- optimised: the model as built by default (SDPA attention, the Triton depthwise 3D
-  convolutions of `model.dwconv3d` on CUDA), compiled with `--compile`;
+- optimised: the model as built by default (token-major (B, T, H, W, C) activations, SDPA
+  attention, the Triton depthwise 3D convolutions of `model.dwconv3d` on CUDA), compiled with
+  `--compile`; in infer mode `--fold-bn` folds its BatchNorms into the layers after them
+  (`model.fold_batchnorm`);
 - reference (`--reference`): explicit softmax attention (`attn_impl="math"`), plain F.conv3d
-  depthwise convolutions, the (B, C, T, H, W) layout, eager: the original code's formulation.
+  depthwise convolutions, the (B, C, T, H, W) layout (`layout="channels_first"`), eager: the
+  original code's formulation.
 `--compare` runs both in one invocation, one after the other (each built, run and freed on its
 own, so peak memory is per model), checks their logits on one clip and reports the speed-up.
 With `--compare --compile` only the optimised model is compiled (the reference stays eager).
@@ -40,7 +44,7 @@ import torch
 import torch.nn.functional as F
 from torch.utils.flop_counter import FlopCounterMode
 
-from model import create_uniformer
+from model import create_uniformer, fold_batchnorm
 from model import dwconv3d
 from model.dwconv3d import set_depthwise_impl
 from pipeline.config import int_at_least
@@ -92,6 +96,8 @@ def add_model_parser(subparsers: argparse._SubParsersAction) -> argparse.Argumen
     p.add_argument("--precision", choices=PRECISIONS, default="bf16", help="bf16 autocast or fp32 (default bf16)")
     p.add_argument("--num-classes", type=int_at_least(1), default=400, help="head size (default 400)")
     p.add_argument("--compile", action="store_true", help="torch.compile the (optimised) model")
+    p.add_argument("--fold-bn", action="store_true",
+                   help="infer mode: fold the (optimised) model's BatchNorms into the layers after them")
     group = p.add_mutually_exclusive_group()
     group.add_argument("--reference", action="store_true", help="run only the plain reference formulation")
     group.add_argument("--compare", action="store_true", help="run reference and optimised, report the speed-up")
@@ -149,17 +155,25 @@ def _check_model_args(args: argparse.Namespace) -> None:
         raise ValueError(f"--frames {args.frames} must be even (the stem halves time)")
     if args.size % 32:
         raise ValueError(f"--size {args.size} must be a multiple of 32 (e.g. 224)")
+    if args.fold_bn and args.mode != "infer":
+        raise ValueError("--fold-bn needs --mode infer: folded BatchNorms hold only for inference")
+    if args.fold_bn and args.reference:
+        raise ValueError("--fold-bn applies to the optimised model; use it with --compare or alone, not --reference")
 
 
 def build_model(args: argparse.Namespace, *, reference: bool, device: torch.device,
                 state_dict: Optional[dict] = None) -> torch.nn.Module:
-    """The variant, with `state_dict` loaded when given: reference = math attention, F.conv3d."""
+    """The variant, with `state_dict` loaded when given. Reference: math attention, F.conv3d,
+    (B, C, T, H, W) layout; optimised: the defaults, BatchNorms folded with `--fold-bn`."""
     net = create_uniformer(VARIANTS[args.variant], num_classes=args.num_classes,
-                           attn_impl="math" if reference else "sdpa")
+                           attn_impl="math" if reference else "sdpa",
+                           layout="channels_first" if reference else "tokens")
     if state_dict is not None:
         net.load_state_dict(state_dict, strict=True)
     if reference:
         set_depthwise_impl(net, "torch")
+    elif args.fold_bn:
+        net = fold_batchnorm(net)
     return net.to(device)
 
 
@@ -230,6 +244,8 @@ def _time_one(args, net: torch.nn.Module, *, impl: str, compiled: bool, device: 
     result: dict[str, Any] = {
         "impl": impl,
         "attn_impl": "math" if impl == "reference" else "sdpa",
+        "layout": "channels_first" if impl == "reference" else "tokens",
+        "batchnorm_folded": impl != "reference" and args.fold_bn,
         "depthwise_impl": "torch" if impl == "reference" or not dwconv3d.triton_usable(clip) else "triton",
         "compile": compiled,
         "step_ms_median": round(median_ms, 3),

@@ -80,7 +80,20 @@ def test_module_keeps_conv3d_parameters_and_cpu_output():
     dw.load_state_dict(conv.state_dict(), strict=True)
     x = torch.randn(1, 16, 4, 5, 6)
     torch.testing.assert_close(dw(x), conv(x), rtol=0, atol=0)
-    assert "impl='auto'" in repr(dw)
+    assert "impl='auto', tokens=False" in repr(dw)
+
+
+@parent_only
+def test_module_on_tokens_is_the_same_conv_and_keeps_the_layout():
+    torch.manual_seed(0)
+    dw = DepthwiseConv3d(16, kernel_size=5)
+    dw_tokens = DepthwiseConv3d(16, kernel_size=5, tokens=True)
+    dw_tokens.load_state_dict(dw.state_dict(), strict=True)
+    x = torch.randn(2, 16, 4, 5, 6)
+    y = dw_tokens(x.permute(0, 2, 3, 4, 1).contiguous())  # (B, T, H, W, C)
+    torch.testing.assert_close(y.permute(0, 4, 1, 2, 3), dw(x), rtol=1e-6, atol=1e-6)
+    # F.conv3d keeps the channels_last_3d format of the permuted view: the output needs no copy.
+    assert y.is_contiguous()
 
 
 @parent_only
@@ -96,7 +109,7 @@ def test_set_depthwise_impl_counts_every_depthwise_conv():
 def test_compile_fullgraph_on_the_cpu_path():
     torch.manual_seed(0)
     block = CBlock(dim=8).eval()
-    x = torch.randn(1, 8, 2, 4, 4)
+    x = torch.randn(1, 2, 4, 4, 8)  # (B, T, H, W, C)
     compiled = torch.compile(block, fullgraph=True, backend="eager")
     with torch.no_grad():
         torch.testing.assert_close(compiled(x), block(x))
@@ -217,7 +230,7 @@ def test_interp_model_block_routes_through_triton_and_agrees(monkeypatch):
     plain = CBlock(dim=8).eval()
     plain.load_state_dict(fast.state_dict())
     assert set_depthwise_impl(plain, "torch") == 2
-    x = torch.randn(1, 8, 2, 4, 4)
+    x = torch.randn(1, 2, 4, 4, 8)  # (B, T, H, W, C): the token-major entry of the op
     with torch.no_grad():
         out, ref = fast(x), plain(x)
     assert calls == [(3, 3, 3), (5, 5, 5)]  # pos_embed, then the local-affinity conv

@@ -151,8 +151,8 @@ def test_torch_compile_fullgraph_whole_model(xs):
 # Inductor's own import of torch.ao mkldnn modules warns about torch.jit.script_method.
 @pytest.mark.filterwarnings("ignore:`torch.jit.script_method` is deprecated:DeprecationWarning")
 def test_torch_compile_inductor_attention_block(xs):
-    block = xs.blocks3[0]  # global MHRA: rearranges, LayerNorm, SDPA, MLP
-    tokens = torch.randn(2, 128, 2, 2, 4)  # (B, C3, T, H, W)
+    block = xs.blocks3[0]  # global MHRA: DPE, LayerNorm, SDPA, MLP
+    tokens = torch.randn(2, 2, 2, 4, 128)  # (B, T, H, W, C3)
     compiled = torch.compile(block, fullgraph=True)
     with torch.no_grad():
         torch.testing.assert_close(compiled(tokens), block(tokens), rtol=1e-4, atol=1e-4)
@@ -193,12 +193,12 @@ def test_forward_features_head_and_reset_classifier():
     clip = tiny_clip(shape=(1, 3, 8, 64, 96))
     with torch.no_grad():
         feats = net.forward_features(clip)
-        assert feats.shape == (1, 256, 4, 2, 3)  # (B, C4, T/2, H/32, W/32)
+        assert feats.shape == (1, 4, 2, 3, 256)  # (B, T/2, H/32, W/32, C4)
         assert net.forward_head(feats, pre_logits=True).shape == (1, 256)
         net.reset_classifier(11)
         assert net(clip).shape == (1, 11) and net.num_classes == 11
         net.reset_classifier(0)
-        torch.testing.assert_close(net(clip), feats.mean(dim=(2, 3, 4)))
+        torch.testing.assert_close(net(clip), feats.mean(dim=(1, 2, 3)))
 
 
 # -- errors ----------------------------------------------------------------------------------
@@ -233,7 +233,7 @@ def test_unknown_override():
     with pytest.raises(TypeError, match=r"unknown override\(s\) \['drop_rate'\] for uniformer_s; valid overrides: "):
         create_uniformer("uniformer_s", drop_rate=0.1)
     assert set(OVERRIDES) == {"depths", "embed_dims", "head_dim", "mlp_ratio", "qkv_bias",
-                              "drop_path_rate", "attn_impl", "grad_checkpointing"}
+                              "drop_path_rate", "attn_impl", "layout", "grad_checkpointing"}
 
 
 @pytest.mark.parametrize("overrides,match", [
@@ -241,6 +241,7 @@ def test_unknown_override():
     (dict(embed_dims=(32, 64, 128, 0)), r"embed_dims must be 4 positive ints"),
     (dict(head_dim=48), r"head_dim=48 must be a positive int dividing the attention stages' embed_dims \(128, 256\)"),
     (dict(attn_impl="flash"), r"attn_impl='flash' is not one of \('sdpa', 'math'\)"),
+    (dict(layout="nchw"), r"layout='nchw' is not one of \('tokens', 'channels_first'\)"),
     (dict(drop_path_rate=1.0), r"drop_path_rate must be in \[0, 1\), got 1.0"),
     (dict(mlp_ratio=0), r"mlp_ratio must be > 0, got 0"),
 ])

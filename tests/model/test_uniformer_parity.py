@@ -55,10 +55,11 @@ def weights_checksum(state: dict[str, torch.Tensor]) -> float:
 CASES = json.loads(FIXTURE.read_text())["cases"]
 
 
+@pytest.mark.parametrize("layout", ["tokens", "channels_first"])
 @pytest.mark.parametrize("case_name", sorted(CASES))
-def test_matches_official_logits(case_name):
+def test_matches_official_logits(case_name, layout):
     case = CASES[case_name]
-    net = create_uniformer(case["variant"], num_classes=case["num_classes"]).eval()
+    net = create_uniformer(case["variant"], num_classes=case["num_classes"], layout=layout).eval()
     state = seeded_state_dict(net.state_dict(), case["weight_seed"])
     x = seeded_input(tuple(case["input_shape"]), case["input_seed"])
     assert weights_checksum(state) == pytest.approx(case["weights_abs_sum"], rel=1e-9), "weight generator changed"

@@ -35,6 +35,8 @@ def test_compare_runs_both_formulations_and_reports_the_fields():
         assert "peak RSS" in run["memory_note"] and run["mfu"] is None
         assert run["depthwise_impl"] == "torch"  # no GPU: F.conv3d on both sides
     assert summary["reference"]["attn_impl"] == "math" and summary["optimised"]["attn_impl"] == "sdpa"
+    assert summary["reference"]["layout"] == "channels_first" and summary["optimised"]["layout"] == "tokens"
+    assert not summary["reference"]["batchnorm_folded"] and not summary["optimised"]["batchnorm_folded"]
     assert summary["speedup"] > 0
     assert summary["logits_close"] and summary["max_abs_logit_diff"] < 1e-4
 
@@ -53,9 +55,19 @@ def test_reference_and_optimised_models_give_the_same_logits():
     ref = build_model(args, reference=True, device=torch.device("cpu"), state_dict=state).eval()
     opt = build_model(args, reference=False, device=torch.device("cpu"), state_dict=state).eval()
     assert ref.blocks1[0].attn.impl == "torch" and ref.blocks3[0].attn.attn_impl == "math"
+    assert ref.layout == "channels_first" and opt.layout == "tokens"
     clip = torch.randn(2, 3, 4, 32, 64)
     with torch.no_grad():
         torch.testing.assert_close(opt(clip), ref(clip), rtol=1e-5, atol=1e-5)
+
+
+def test_fold_bn_in_infer_mode_folds_the_optimised_model_only():
+    summary = run_model_bench(parse(["model", *TINY, "--mode", "infer", "--compare", "--fold-bn"]))
+    assert summary["optimised"]["batchnorm_folded"] and not summary["reference"]["batchnorm_folded"]
+    assert summary["logits_close"] and summary["max_abs_logit_diff"] < 1e-4
+    args = parse(["model", *TINY, "--mode", "infer", "--fold-bn"])
+    assert build_model(args, reference=False, device=torch.device("cpu")).batchnorm_folded
+    assert not build_model(args, reference=True, device=torch.device("cpu")).batchnorm_folded
 
 
 def test_peak_table_and_mfu_inputs():
@@ -71,6 +83,9 @@ def test_peak_table_and_mfu_inputs():
 @pytest.mark.parametrize("argv,match", [
     (["--frames", "3"], r"--frames 3 must be even"),
     (["--size", "40"], r"--size 40 must be a multiple of 32"),
+    (["--fold-bn"], r"--fold-bn needs --mode infer: folded BatchNorms hold only for inference"),
+    (["--fold-bn", "--mode", "infer", "--reference"], r"--fold-bn applies to the optimised model; use it with "
+                                                      r"--compare or alone, not --reference"),
 ])
 def test_bad_model_arguments(argv, match):
     with pytest.raises(ValueError, match=match):
