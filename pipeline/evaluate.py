@@ -85,7 +85,7 @@ def load_model(cfg: Config, model_uri: str) -> LoadedModel:
         raise EvaluationError(f"{target} is not a training checkpoint (no config/model_state); pass runs:/..., "
                               "models:/NAME@alias or a checkpoint folder written by `uniformer train`")
     preprocess = serving.preprocess_config(config_from_dict(state["config"]))
-    net = serving.build_model(preprocess, state.get("ema_state") or state["model_state"])
+    net = serving.build_model(preprocess, state.get("ema_state") or state["model_state"], inference=True)
     return LoadedModel(net, preprocess, None, state.get("mlflow_run_id"), model_uri)
 
 

@@ -3,10 +3,13 @@
 from __future__ import annotations
 
 import dataclasses
+from pathlib import Path
 
+import mlflow.artifacts
 import mlflow.pyfunc
 import numpy as np
 import pandas as pd
+import torch
 
 from pipeline import serving
 from pipeline.clips import make_clip_rows
@@ -50,3 +53,21 @@ def test_classifier_takes_uris_or_bytes_and_reports_bad_videos(embedded, tiny_vi
     assert "no/such.mp4" in out["error"][3]
     by_bytes = model.predict(pd.DataFrame({"video_bytes": [data]}))
     assert by_bytes["label"][0] == out["label"][0] and len(by_bytes["labels"][0]) == 3  # top 5 of 3 classes
+
+
+def test_served_network_has_folded_batchnorms_and_the_same_scores(embedded, tiny_videos):
+    cfg = tiny_config()
+    run_id = fake_training(cfg, val_top1=0.5)
+    classifier = mlflow.pyfunc.load_model(f"runs:/{run_id}/video_classifier").unwrap_python_model()
+    assert classifier.net.batchnorm_folded
+    local = Path(mlflow.artifacts.download_artifacts(f"runs:/{run_id}/video_classifier"))
+    state = torch.load(local / "artifacts" / serving.WEIGHTS, map_location="cpu", weights_only=True)
+    # Running statistics away from (0, 1), so that folding them in changes the weights.
+    state = {k: v + 0.3 if k.endswith(("running_mean", "running_var")) else v for k, v in state.items()}
+    plain = serving.build_model(classifier.preprocess, state)
+    folded = serving.build_model(classifier.preprocess, state, inference=True)
+    views = serving.video_views(tiny_videos["video"], classifier.preprocess)
+    cpu = torch.device("cpu")
+    np.testing.assert_allclose(serving.score_views(folded, views, classifier.preprocess, cpu),
+                               serving.score_views(plain, views, classifier.preprocess, cpu), atol=1e-5)
+    assert not plain.batchnorm_folded and plain.state_dict().keys() == state.keys()
