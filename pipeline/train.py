@@ -237,8 +237,9 @@ def train_loop_per_worker(loop_config: dict) -> None:
                     ema.update(model.module if hasattr(model, "module") else model)
                 step += 1
                 step_s = time.perf_counter() - t_step
-                epoch_clips, epoch_s, epoch_wait_s = epoch_clips + clips_done * world, epoch_s + step_s, \
-                    epoch_wait_s + wait_s
+                epoch_clips += clips_done * world
+                epoch_s += step_s
+                epoch_wait_s += wait_s
                 if client:
                     tracking.log_metrics(client, run_id, {
                         "train_loss": loss_sum / cfg.optim.grad_accum_steps, "lr": lr,
