@@ -64,7 +64,7 @@ def run_train_bench(cfg: Config, *, manifest_uri: str = "", epochs: int = 2, ste
         optim=dataclasses.replace(cfg.optim, epochs=epochs),
         train=dataclasses.replace(cfg.train, max_steps_per_epoch=steps, val_every_epochs=epochs, max_failures=0,
                                   checkpoint_every_epochs=epochs,
-                                  storage_path=str(Path(work_dir).resolve() / "ray_results")),
+                                  storage_path=str(Path(work_dir) / "ray_results")),
         tracking=dataclasses.replace(cfg.tracking, system_metrics=False)))
     checked_manifest(cfg)
     started = init_ray()
