@@ -385,8 +385,34 @@ def _compute_dtype(x: torch.Tensor) -> torch.dtype:
     return x.dtype
 
 
+class _GradInWeightLayout(torch.autograd.Function):
+    """Identity on the weight whose backward returns the gradient with the weight's own strides.
+
+    On a channels-last input F.conv3d returns the (C, 1, KT, KH, KW) weight gradient with stride 1
+    on the size-1 dim, the contiguous weight has KT*KH*KW there: the same memory order, but DDP's
+    reducer compares strides, warns "Grad strides do not match bucket view strides" and copies
+    every step. Restriding a dense gradient is free; anything else is copied into the weight's layout.
+    """
+
+    @staticmethod
+    def forward(ctx, weight: torch.Tensor) -> torch.Tensor:
+        ctx.weight_stride = weight.stride()
+        return weight.view_as(weight)
+
+    @staticmethod
+    def backward(ctx, grad: torch.Tensor) -> torch.Tensor:
+        stride = ctx.weight_stride
+        if grad.stride() == stride:
+            return grad
+        if all(g == s or n == 1 for g, s, n in zip(grad.stride(), stride, grad.shape)):
+            return grad.as_strided(grad.shape, stride, grad.storage_offset())
+        return torch.empty_strided(grad.shape, stride, dtype=grad.dtype, device=grad.device).copy_(grad)
+
+
 def _torch_conv(x_ncdhw: torch.Tensor, weight: torch.Tensor, bias: Optional[torch.Tensor]) -> torch.Tensor:
     padding = tuple(k // 2 for k in weight.shape[2:])
+    if weight.requires_grad:
+        weight = _GradInWeightLayout.apply(weight)
     return F.conv3d(x_ncdhw, weight, bias, padding=padding, groups=x_ncdhw.shape[1])
 
 

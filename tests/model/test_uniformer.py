@@ -255,3 +255,29 @@ def test_bad_num_classes():
         create_uniformer("uniformer_xs", num_classes=-1)
     with pytest.raises(ValueError, match=r"num_classes must be >= 0, got -2"):
         create_uniformer("uniformer_xs").reset_classifier(-2)
+
+
+@pytest.mark.parametrize("layout", ["tokens", "channels_first"])
+def test_every_gradient_has_its_parameters_strides(layout):
+    # DDP copies (and warns about) any gradient whose strides differ from its bucket view's.
+    net = create_uniformer("uniformer_xs", num_classes=4, layout=layout)
+    net(torch.randn(2, 3, 8, 64, 64)).sum().backward()
+    mismatched = [name for name, p in net.named_parameters() if p.grad.stride() != p.stride()]
+    assert mismatched == []
+
+
+def test_ddp_reducer_takes_the_gradients_without_a_stride_warning(tmp_path):
+    import warnings
+
+    import torch.distributed as dist
+    from torch.nn.parallel import DistributedDataParallel
+
+    dist.init_process_group("gloo", init_method=f"file://{tmp_path / 'store'}", rank=0, world_size=1)
+    try:
+        ddp = DistributedDataParallel(create_uniformer("uniformer_xs", num_classes=4))
+        with warnings.catch_warnings(record=True) as caught:
+            warnings.simplefilter("always")
+            ddp(torch.randn(2, 3, 8, 64, 64)).sum().backward()
+        assert not [w for w in caught if "Grad strides do not match" in str(w.message)]
+    finally:
+        dist.destroy_process_group()
