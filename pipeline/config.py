@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import argparse
 import dataclasses
+import re
 import types
 import typing
 from dataclasses import dataclass, field
@@ -91,7 +92,9 @@ class TrainConfig:
     val_every_epochs: int = 1
     checkpoint_every_epochs: int = 1
     keep_checkpoints: int = 2
-    checkpoint_metric: str = "val_top1"
+    # Ray keeps the best `keep_checkpoints` by this validation metric (and the latest): highest
+    # first, lowest for val_loss (see `checkpoint_order`).
+    checkpoint_metric: Literal["val_top1", "val_top5", "val_mean_class", "val_loss"] = "val_top1"
     max_failures: int = 0
     max_steps_per_epoch: int = 0  # 0 = the whole split
 
@@ -102,6 +105,7 @@ class TrackingConfig:
     experiment: str = "uniformer"
     registered_model: str = "uniformer"
     system_metrics: bool = False
+    log_every_steps: int = 10  # per-step metrics are averaged on the device and read this often
 
 
 @dataclass(frozen=True)
@@ -126,12 +130,18 @@ class Config:
         return yaml.safe_dump(plain, sort_keys=False)
 
 
+def checkpoint_order(metric: str) -> Literal["max", "min"]:
+    """How Ray ranks checkpoints by `metric`: a loss is better lower, an accuracy higher."""
+    return "min" if metric.endswith("loss") else "max"
+
+
 def _coerce(key: str, value: Any, hint: Any) -> Any:
     """Check `value` against a field's type hint; return it in the field's type."""
     origin = typing.get_origin(hint)
     if origin is Literal:
         allowed = typing.get_args(hint)
-        if value not in allowed:
+        # Compared with types too: True == 1 would otherwise pass for Literal[1, 3].
+        if not any(type(value) is type(a) and value == a for a in allowed):
             raise ConfigError(f"{key}: {value!r} is not one of {', '.join(map(repr, allowed))}")
         return value
     if origin is tuple:
@@ -184,18 +194,65 @@ def _build(cls: type, values: dict[str, Any], prefix: str) -> Any:
     return cls(**kwargs)
 
 
+_INT_TEXT = re.compile(r"[+-]?[0-9]+")
+
+
+def _parse_text(key: str, raw: str, hint: Any) -> Any:
+    """An override's text as a field's type. Strings are taken verbatim ("exp #3" stays whole);
+    numbers and booleans are strict ("010" is ten, never YAML's octal eight; only true/false are
+    booleans); lists are comma-separated, with optional brackets."""
+    origin = typing.get_origin(hint)
+    if origin is Literal:
+        allowed = typing.get_args(hint)
+        return next((a for a in allowed if str(a) == raw), raw)  # a miss is reported by _coerce
+    if origin is tuple:
+        items = [item.strip() for item in raw.strip().strip("[]()").split(",")]
+        if items == [""]:
+            items = []
+        args = typing.get_args(hint)
+        if len(items) != len(args):
+            raise ConfigError(f"{key}: expected a list of {len(args)} numbers, got {raw!r}")
+        return tuple(_parse_text(key, item, a) for item, a in zip(items, args))
+    if hint is bool:
+        return {"true": True, "false": False}.get(raw.lower(), raw)
+    if hint is int:
+        return int(raw) if _INT_TEXT.fullmatch(raw.strip()) else raw
+    if hint is float:
+        try:
+            return float(raw)
+        except ValueError:
+            return raw
+    return raw
+
+
+def _field_hint(parts: list[str], override: str) -> Any:
+    """The type hint of the dotted config key `parts`, or an error naming the unknown part."""
+    cls: Any = Config
+    for depth, part in enumerate(parts):
+        hints = typing.get_type_hints(cls) if dataclasses.is_dataclass(cls) else {}
+        if part not in hints:
+            section = ".".join(parts[:depth])
+            known = ", ".join(sorted(hints)) if hints else "none: it is not a section"
+            raise ConfigError(f"unknown config key {'.'.join(parts[:depth + 1])}; known keys in "
+                              f"{section or 'the config'}: {known}")
+        cls = hints[part]
+    if dataclasses.is_dataclass(cls):
+        raise ConfigError(f"override {override!r}: {'.'.join(parts)} is a section, not a key")
+    return cls
+
+
 def _apply_override(tree: dict[str, Any], override: str) -> None:
     key, sep, raw = override.partition("=")
     if not sep or not key:
         raise ConfigError(f"override {override!r} is not of the form section.key=value")
     parts = key.split(".")
+    hint = _field_hint(parts, override)
     node = tree
     for part in parts[:-1]:
         node = node.setdefault(part, {})
         if not isinstance(node, dict):
             raise ConfigError(f"override {override!r}: {part} is not a section")
-    value = yaml.safe_load(raw) if raw else ""
-    node[parts[-1]] = "" if value is None else value
+    node[parts[-1]] = _parse_text(key, raw, hint)
 
 
 def _check(ok: bool, key: str, message: str, value: Any) -> None:
@@ -205,7 +262,7 @@ def _check(ok: bool, key: str, message: str, value: Any) -> None:
 
 def validate(cfg: Config) -> Config:
     """Range and consistency checks; the error names the key and the fix."""
-    d, m, o, t = cfg.data, cfg.model, cfg.optim, cfg.train
+    d, m, o, t, tr = cfg.data, cfg.model, cfg.optim, cfg.train, cfg.tracking
     for key, value in [("data.num_frames", d.num_frames), ("data.sampling_rate", d.sampling_rate),
                        ("data.crop_size", d.crop_size), ("data.short_side", d.short_side),
                        ("data.repeated_aug", d.repeated_aug), ("data.test_clips", d.test_clips),
@@ -245,6 +302,12 @@ def validate(cfg: Config) -> Config:
     per_step = t.num_workers * o.grad_accum_steps
     _check(t.batch_size % per_step == 0, "train.batch_size",
            f"must be divisible by train.num_workers x optim.grad_accum_steps = {per_step}", t.batch_size)
+    micro_batch = t.batch_size // per_step
+    _check(micro_batch >= 2 or (o.mixup_alpha == 0 and o.cutmix_alpha == 0), "optim.mixup_alpha/cutmix_alpha",
+           f"need at least 2 clips per micro-batch to blend (train.batch_size / (train.num_workers x "
+           f"optim.grad_accum_steps) = {micro_batch}); set both to 0 or raise train.batch_size",
+           (o.mixup_alpha, o.cutmix_alpha))
+    _check(tr.log_every_steps >= 1, "tracking.log_every_steps", "must be at least 1", tr.log_every_steps)
     _check(bool(t.run_name) and "/" not in t.run_name, "train.run_name", "must be a non-empty name without '/'",
            t.run_name)
     return cfg

@@ -37,7 +37,7 @@ def test_round_trip_through_dict_and_yaml(tmp_path):
     ("optim.lr_per_32=-1", r"optim\.lr_per_32 must be > 0, got -1"),
     ("train.batch_size=3", r"train\.batch_size must be divisible by train\.num_workers"),
     ("train.precision=fp8", r"train\.precision: 'fp8' is not one of 'bf16', 'fp16', 'fp32'"),
-    ("data.hflip=1", r"data\.hflip: expected true or false, got 1"),
+    ("data.hflip=1", r"data\.hflip: expected true or false, got '1'"),
     ("data.num_frames=7", r"data\.num_frames must be even"),
     ("data.crop_size=100", r"data\.crop_size must be a multiple of 32"),
     ("train.num_workers=0", r"train\.num_workers must be at least 1"),
@@ -57,3 +57,58 @@ def test_missing_file():
 def test_frozen():
     with pytest.raises(AttributeError):
         Config().train.seed = 3
+
+
+@pytest.mark.parametrize("override, field, expected", [
+    ("train.run_name=exp #3", ("train", "run_name"), "exp #3"),  # YAML would cut at the comment
+    ("train.run_name=010", ("train", "run_name"), "010"),  # a string field keeps the text
+    ("train.seed=010", ("train", "seed"), 10),  # YAML 1.1 would read octal 8
+    ("tracking.experiment=yes", ("tracking", "experiment"), "yes"),  # YAML would read True
+    ("data.test_crops=3", ("data", "test_crops"), 3),
+    ("data.scale=0.3,1", ("data", "scale"), (0.3, 1.0)),
+    ("data.hflip=False", ("data", "hflip"), False),
+    ("data.manifest=", ("data", "manifest"), ""),
+])
+def test_override_text_is_taken_by_the_field_type(override, field, expected):
+    section, key = field
+    value = getattr(getattr(load_config(None, [override]), section), key)
+    assert value == expected and type(value) is type(expected)
+
+
+@pytest.mark.parametrize("override, message", [
+    ("data.test_crops=true", r"data\.test_crops: 'true' is not one of 1, 3"),
+    ("train.seed=1.5", r"train\.seed: expected an integer, got '1\.5'"),
+    ("train.seed=0x10", r"train\.seed: expected an integer"),
+    ("data.hflip=yes", r"data\.hflip: expected true or false, got 'yes'"),
+    ("optim.epochs=true", r"optim\.epochs: expected an integer, got 'true'"),
+    ("optim.weight_decay=off", r"optim\.weight_decay: expected a number, got 'off'"),
+    ("train.checkpoint_metric=val_acc", r"train\.checkpoint_metric: 'val_acc' is not one of 'val_top1'"),
+    ("tracking.log_every_steps=0", r"tracking\.log_every_steps must be at least 1"),
+    ("train=1", r"override 'train=1': train is a section, not a key"),
+    ("train.seed.x=1", r"unknown config key train\.seed\.x"),
+])
+def test_strict_override_values(override, message):
+    with pytest.raises(ConfigError, match=message):
+        load_config(None, [override])
+
+
+def test_yaml_booleans_are_not_integers_for_literals(tmp_path):
+    path = tmp_path / "c.yaml"
+    path.write_text("data:\n  test_crops: true\n")
+    with pytest.raises(ConfigError, match=r"data\.test_crops: True is not one of 1, 3"):
+        load_config(path)
+
+
+def test_mixup_needs_two_clips_per_micro_batch():
+    with pytest.raises(ConfigError, match=r"optim\.mixup_alpha/cutmix_alpha need at least 2 clips per micro-batch"):
+        load_config(None, ["train.num_workers=2", "train.batch_size=2"])
+    cfg = load_config(None, ["train.num_workers=2", "train.batch_size=2", "optim.mixup_alpha=0",
+                             "optim.cutmix_alpha=0"])
+    assert cfg.train.batch_size == 2
+
+
+@pytest.mark.parametrize("metric, order", [("val_top1", "max"), ("val_mean_class", "max"), ("val_loss", "min")])
+def test_checkpoint_order_follows_the_metric(metric, order):
+    from pipeline.config import checkpoint_order
+
+    assert checkpoint_order(load_config(None, [f"train.checkpoint_metric={metric}"]).train.checkpoint_metric) == order
