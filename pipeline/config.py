@@ -313,6 +313,36 @@ def validate(cfg: Config) -> Config:
     return cfg
 
 
+# What may change when a training resumes under the same train.run_name: how long it runs, how
+# often it validates and checkpoints, how it survives failures, how many CPUs it takes and what it
+# reports. Anything else
+# would make the run's params and checkpoints describe a training that did not happen.
+RESUMABLE_KEYS = frozenset({"optim.epochs", "train.val_every_epochs", "train.checkpoint_every_epochs",
+                            "train.max_failures", "train.keep_checkpoints", "train.cpus_per_worker",
+                            "data.decode_cpus", "data.decode_concurrency", "tracking.system_metrics",
+                            "tracking.log_every_steps"})
+
+
+def training_identity(cfg: Config, manifest_hash: str) -> dict[str, str]:
+    """What a training is, as text: the flat config less RESUMABLE_KEYS, plus the manifest's hash."""
+    flat = {k: str(list(v) if isinstance(v, tuple) else v) for k, v in cfg.to_flat_dict().items()
+            if k not in RESUMABLE_KEYS}
+    return {**flat, "data.manifest_hash": manifest_hash}
+
+
+def identity_digest(identity: dict[str, str]) -> str:
+    import hashlib
+    import json
+
+    return hashlib.sha256(json.dumps(identity, sort_keys=True).encode()).hexdigest()
+
+
+def changed_keys(before: dict[str, str], now: dict[str, str]) -> list[str]:
+    """Keys of `now` whose value differs from `before` (keys that `before` lacks are skipped: an
+    older version of the code did not know them)."""
+    return sorted(k for k in now if k in before and before[k] != now[k])
+
+
 def load_config(path: str | Path | None = None, overrides: list[str] | tuple[str, ...] = ()) -> Config:
     """Defaults, then the YAML file, then `section.key=value` overrides; validated."""
     tree: dict[str, Any] = {}

@@ -45,21 +45,37 @@ def smooth_one_hot(labels: torch.Tensor, num_classes: int, smoothing: float) -> 
         1, labels.view(-1, 1), 1.0 - smoothing + off)
 
 
+def mix_partners(valid: torch.Tensor) -> torch.Tensor | None:
+    """For each clip the index of the clip it is blended with: usable clips pair up among
+    themselves in reverse order, unusable (all-zero) ones with themselves, so that no blank is
+    mixed into a real clip. `valid` is the batch's host-side mask; None when fewer than 2 are usable."""
+    usable = torch.nonzero(valid.cpu()).flatten()
+    if usable.numel() < 2:
+        return None
+    partners = torch.arange(valid.numel())
+    partners[usable] = usable.flip(0)
+    return partners
+
+
 def mix_batch(clips: torch.Tensor, labels: torch.Tensor, *, num_classes: int, mixup_alpha: float,
-              cutmix_alpha: float, prob: float, smoothing: float,
-              rng: np.random.Generator) -> tuple[torch.Tensor, torch.Tensor]:
+              cutmix_alpha: float, prob: float, smoothing: float, rng: np.random.Generator,
+              valid: torch.Tensor | None = None) -> tuple[torch.Tensor, torch.Tensor]:
     """Mixup or cutmix (chosen at random when both are on) on the device; returns soft targets.
 
     Clips are (B, C, T, H, W); cutmix cuts the same box out of every frame. The host-side `rng`
-    makes the draws reproducible without a device sync.
+    and `valid` mask (every clip usable when None) make the draws reproducible without a device sync.
     """
     targets = smooth_one_hot(labels, num_classes, smoothing)
     if (mixup_alpha == 0 and cutmix_alpha == 0) or rng.random() >= prob:
         return clips, targets
+    partners = mix_partners(torch.ones(labels.numel(), dtype=torch.bool) if valid is None else valid)
+    if partners is None:
+        return clips, targets
+    partners = partners.to(clips.device, non_blocking=True)
     use_cutmix = cutmix_alpha > 0 and (mixup_alpha == 0 or rng.random() < 0.5)
     alpha = cutmix_alpha if use_cutmix else mixup_alpha
     lam = float(rng.beta(alpha, alpha))
-    flipped = clips.flip(0)
+    flipped = clips[partners]
     if use_cutmix:
         height, width = clips.shape[-2:]
         cut = math.sqrt(1 - lam)
@@ -72,7 +88,7 @@ def mix_batch(clips: torch.Tensor, labels: torch.Tensor, *, num_classes: int, mi
         lam = 1 - (y1 - y0) * (x1 - x0) / (height * width)  # the area actually cut
     else:
         clips = clips * lam + flipped * (1 - lam)
-    return clips, targets * lam + targets.flip(0) * (1 - lam)
+    return clips, targets * lam + targets[partners] * (1 - lam)
 
 
 def soft_cross_entropy(logits: torch.Tensor, targets: torch.Tensor) -> torch.Tensor:
@@ -80,16 +96,23 @@ def soft_cross_entropy(logits: torch.Tensor, targets: torch.Tensor) -> torch.Ten
 
 
 class ModelEMA(nn.Module):
-    """Exponential moving average of a model's weights (buffers are copied)."""
+    """Exponential moving average of a model's weights (buffers are copied), on the model's device:
+    build it after the model has moved. The decay warms up as min(decay, (1 + n) / (10 + n)) over
+    the first updates, so that the average is not dominated by the random initial weights."""
 
-    def __init__(self, model: nn.Module, decay: float):
+    def __init__(self, model: nn.Module, decay: float, updates: int = 0):
         super().__init__()
         self.module = copy.deepcopy(model).eval().requires_grad_(False)
         self.decay = decay
+        self.updates = updates  # a host int: the warm-up needs no device sync
+
+    def current_decay(self) -> float:
+        return min(self.decay, (1 + self.updates) / (10 + self.updates))
 
     @torch.no_grad()
     def update(self, model: nn.Module) -> None:
-        for ema_p, p in zip(self.module.parameters(), model.parameters()):
-            ema_p.lerp_(p.detach(), 1 - self.decay)
+        weight = 1 - self.current_decay()
+        torch._foreach_lerp_(list(self.module.parameters()), [p.detach() for p in model.parameters()], weight)
         for ema_b, b in zip(self.module.buffers(), model.buffers()):
             ema_b.copy_(b)
+        self.updates += 1

@@ -2,7 +2,7 @@
 
     run_id = find_or_create_run(cfg, manifest=table)      # driver, before fitting
     with system_metrics(cfg, run_id): ...                 # each training worker (one per node logs)
-    log_metrics(client, run_id, {...}, step)              # rank 0
+    metrics = MetricQueue(client, run_id); metrics.log({...}, step)   # rank 0, off the step's path
     finish_training_run(cfg, run_id, checkpoint_state, labels)   # driver, after fitting
 
 Nothing from the environment that looks secret (AWS_SECRET_ACCESS_KEY, tokens, passwords) and
@@ -18,6 +18,7 @@ import dataclasses
 import functools
 import io
 import json
+import logging
 import os
 import re
 import subprocess
@@ -31,13 +32,16 @@ import mlflow
 from mlflow.entities import DatasetInput, InputTag, Metric, Param, RunTag
 from mlflow.tracking import MlflowClient
 
-from pipeline.config import Config
+from pipeline.config import RESUMABLE_KEYS, Config
 
 RUN_NAME_TAG = "uniformer.run_name"
+RAY_RUN_TAG = "uniformer.ray_run_name"  # the Ray Train run whose checkpoints this run resumes from
+CONFIG_DIGEST_TAG = "uniformer.config_digest"  # config.identity_digest of what the run trains
 PYTORCH_MODEL_NAME = "pytorch"  # the name of the logged PyTorch model in a training run
 PYFUNC_MODEL_NAME = "video_classifier"  # the name of the logged pyfunc model (what gets registered)
 PROJECT_ROOT = Path(__file__).resolve().parents[1]
 
+_log = logging.getLogger(__name__)
 _PARAM_VALUE_LIMIT = 6000  # MLflow's limit on a param value
 _BATCH_PARAMS = 100  # MLflow's limit on params per log_batch
 
@@ -97,6 +101,85 @@ def log_text(client: MlflowClient, run_id: str, text: str, artifact_file: str) -
 def log_metrics(client: MlflowClient, run_id: str, metrics: dict[str, float], step: int) -> None:
     now = int(time.time() * 1000)
     client.log_batch(run_id, metrics=[Metric(k, float(v), now, step) for k, v in metrics.items()])
+
+
+class MetricQueue:
+    """A training's metrics on their way to MLflow, off the training step's path.
+
+    `log` only appends to an in-memory queue; a daemon thread sends it in batches. While the
+    tracking server is down (MLflow's client gives up after about 4 minutes of its own retries)
+    the thread keeps the metrics and tries again, so an outage neither stalls the step nor loses
+    metrics. Past `max_pending` metrics the oldest are dropped, counted and warned about.
+    `close` waits up to `timeout_s` for the queue to drain and returns what stayed undelivered.
+    """
+
+    BATCH = 1000  # MLflow's limit on metrics per log_batch
+
+    def __init__(self, client: MlflowClient, run_id: str, *, max_pending: int = 1_000_000,
+                 retry_s: tuple[float, float] = (1.0, 30.0)):
+        import collections
+        import threading
+
+        self.client, self.run_id = client, run_id
+        self.max_pending, self.retry_s = max_pending, retry_s
+        self.pending: collections.deque[Metric] = collections.deque()
+        self.dropped = 0
+        self.cond = threading.Condition()
+        self.closing = False
+        self.closed = threading.Event()  # wakes a retry wait early at close
+        self.thread = threading.Thread(target=self._send_forever, name="mlflow-metrics", daemon=True)
+        self.thread.start()
+
+    def log(self, metrics: dict[str, float], step: int) -> None:
+        now = int(time.time() * 1000)
+        with self.cond:
+            self.pending.extend(Metric(k, float(v), now, step) for k, v in metrics.items())
+            overflow = len(self.pending) - self.max_pending
+            for _ in range(max(0, overflow)):
+                self.pending.popleft()
+            self.dropped += max(0, overflow)
+            self.cond.notify()
+
+    def _send_forever(self) -> None:
+        delay, failing = self.retry_s[0], False
+        while True:
+            with self.cond:
+                while not self.pending and not self.closing:
+                    self.cond.wait()
+                if not self.pending:
+                    return
+                batch = [self.pending[i] for i in range(min(self.BATCH, len(self.pending)))]
+            try:
+                self.client.log_batch(self.run_id, metrics=batch)
+            except Exception as err:  # noqa: BLE001 - any failure to deliver: keep the metrics, retry
+                if not failing:
+                    _log.warning("tracking server unreachable, metrics kept and retried: %s",
+                                 redact(str(err)).splitlines()[0][:300])
+                failing = True
+                self.closed.wait(timeout=delay)
+                delay = min(delay * 2, self.retry_s[1])
+                continue
+            if failing:
+                _log.warning("tracking server reachable again; delivering kept metrics")
+            delay, failing = self.retry_s[0], False
+            with self.cond:
+                for _ in batch:
+                    self.pending.popleft()
+                self.cond.notify_all()
+
+    def close(self, timeout_s: float = 600.0) -> int:
+        """Deliver what is queued (waiting at most `timeout_s`); returns the undelivered count."""
+        with self.cond:
+            self.closing = True
+            self.cond.notify_all()
+        self.closed.set()
+        self.thread.join(timeout=timeout_s)
+        with self.cond:
+            undelivered = len(self.pending) + self.dropped
+        if undelivered:
+            _log.warning("%d metrics of run %s could not be delivered to the tracking server", undelivered,
+                         self.run_id)
+        return undelivered
 
 
 # ---------------------------------------------------------------------------------------------
@@ -261,30 +344,49 @@ def log_dataset_input(client: MlflowClient, run_id: str, table, *, manifest_uri:
     client.log_inputs(run_id, [DatasetInput(entity, tags=[InputTag("mlflow.data.context", context)])])
 
 
-def find_or_create_run(cfg: Config, tags: dict[str, str] | None = None, *, manifest=None) -> str:
-    """The run of this training: a run with the same run name is continued (a resume); otherwise
-    a new run records the config, dataset, model and code version.
+def find_or_create_run(cfg: Config, tags: dict[str, str] | None = None, *, manifest=None,
+                       new_run: bool = False) -> str:
+    """The run of this training: the newest run with the same run name is continued (a resume);
+    otherwise, or with `new_run`, a new run records the config, dataset, model and code version.
 
-    `manifest` is the manifest table when the caller has already read it (else it is read here).
+    A resume whose config or manifest differs from what the run trained with (beyond
+    config.RESUMABLE_KEYS) is refused with a ConfigError naming the changed keys; the allowed
+    changes are recorded as `resumed.<key>` tags, since params cannot change. `manifest` is the
+    manifest table when the caller has already read it (else it is read here).
     """
+    from pipeline.config import ConfigError, changed_keys, identity_digest, training_identity
+    from pipeline.manifest import manifest_hash
+
     client = client_for(cfg)
     exp_id = experiment_id(client, cfg.tracking.experiment)
+    if manifest is None and cfg.data.manifest:
+        from pipeline.manifest import read_manifest
+
+        manifest = read_manifest(cfg.data.manifest, storage=cfg.storage)
+    identity = training_identity(cfg, manifest_hash(manifest) if manifest is not None else "")
     name = cfg.train.run_name.replace("'", "\\'")
     found = client.search_runs([exp_id], filter_string=f"tags.`{RUN_NAME_TAG}` = '{name}'",
                                order_by=["attributes.start_time DESC"], max_results=1)
-    if found:  # the same run name is the same training, which Ray Train resumes from its checkpoint
-        run_id = found[0].info.run_id
-        if found[0].info.status != "RUNNING":  # stopped, failed, or finished and now trained further
-            client.update_run(run_id, status="RUNNING")
-        return run_id
+    if found and not new_run:  # the same run name is the same training, which Ray Train resumes
+        run = found[0]
+        logged = {k: _param_value(v) for k, v in identity.items()}
+        changed = changed_keys(run.data.params, logged)
+        if changed:
+            raise ConfigError(f"train.run_name={cfg.train.run_name!r} continues MLflow run {run.info.run_id}, which "
+                              f"trained with other values of {', '.join(changed)}; keep them, pass --new-run to "
+                              f"start a fresh run under this name, or choose another train.run_name")
+        resumed = {f"resumed.{k}": v for k, v in cfg.to_flat_dict().items()
+                   if k in RESUMABLE_KEYS and run.data.params.get(k) not in (None, _param_value(v))}
+        if resumed:
+            set_tags(client, run.info.run_id, resumed)
+        if run.info.status != "RUNNING":  # stopped, failed, or finished and now trained further
+            client.update_run(run.info.run_id, status="RUNNING")
+        return run.info.run_id
 
     params: dict[str, Any] = dict(cfg.to_flat_dict())
-    run_tags = {RUN_NAME_TAG: cfg.train.run_name, "job": "train", "variant": cfg.model.variant}
-    if cfg.data.manifest:
-        if manifest is None:
-            from pipeline.manifest import read_manifest
-
-            manifest = read_manifest(cfg.data.manifest, storage=cfg.storage)
+    run_tags = {RUN_NAME_TAG: cfg.train.run_name, "job": "train", "variant": cfg.model.variant,
+                CONFIG_DIGEST_TAG: identity_digest(identity)}
+    if manifest is not None:
         params.update(manifest_params(cfg.data.manifest, manifest))
         run_tags["dataset"] = dataset_name(cfg.data.manifest)
     cost = model_cost(cfg.model.variant, cfg.model.num_classes, num_frames=cfg.data.num_frames,
@@ -297,12 +399,27 @@ def find_or_create_run(cfg: Config, tags: dict[str, str] | None = None, *, manif
     run = client.create_run(exp_id, run_name=cfg.train.run_name,
                             tags={redact(k): _param_value(v) for k, v in run_tags.items()})
     run_id = run.info.run_id
+    # A fresh run under a name used before gets a Ray run of its own: Ray resumes by run name.
+    set_tags(client, run_id, {RAY_RUN_TAG: f"{cfg.train.run_name}-{run_id[:8]}" if found else cfg.train.run_name})
     log_params(client, run_id, params)
     log_text(client, run_id, cfg.to_yaml(), "config.yaml")
     if manifest is not None:
         log_dataset_input(client, run_id, manifest, manifest_uri=cfg.data.manifest,
                           digest=params["data.manifest_hash"], context="train")
     return run_id
+
+
+def ray_run_name(cfg: Config, run_id: str) -> str:
+    """The Ray Train run (checkpoint folder) of the MLflow run `run_id`."""
+    return client_for(cfg).get_run(run_id).data.tags.get(RAY_RUN_TAG, cfg.train.run_name)
+
+
+def mark_failed(cfg: Config, run_id: str) -> None:
+    """Mark the run FAILED after a failed training; a tracking outage must not hide the training's error."""
+    try:
+        client_for(cfg).set_terminated(run_id, "FAILED")
+    except Exception as err:  # noqa: BLE001
+        _log.warning("could not mark run %s FAILED: %s", run_id, redact(str(err)).splitlines()[0][:300])
 
 
 # ---------------------------------------------------------------------------------------------

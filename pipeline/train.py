@@ -10,9 +10,11 @@ import contextlib
 import dataclasses
 import itertools
 import logging
+import sys
 import tempfile
 import time
 from pathlib import Path
+from typing import Callable
 
 import numpy as np
 import pyarrow as pa
@@ -27,8 +29,9 @@ import torch.nn.functional as F
 from model import create_uniformer, load_pretrained
 from pipeline import recipe, tracking
 from pipeline.clips import build_clip_dataset, clip_shape
-from pipeline.config import Config, ConfigError, config_from_dict
-from pipeline.manifest import read_manifest
+from pipeline.config import (Config, ConfigError, changed_keys, checkpoint_order, config_from_dict, identity_digest,
+                             training_identity)
+from pipeline.manifest import manifest_hash, read_manifest
 from pipeline.transforms import normalize_on_device
 
 CHECKPOINT_FILE = "checkpoint.pt"
@@ -119,19 +122,80 @@ def save_checkpoint(directory: Path, state: dict) -> ray.train.Checkpoint:
     return ray.train.Checkpoint.from_directory(str(directory))
 
 
-def memory_batches(cfg: Config, micro_batch: int, seed: int):
+def memory_batches(cfg: Config, micro_batch: int, seed: int, pin: bool = False):
     """Endless in-memory batches shaped like the clip stream's (uint8 clips on the CPU): the same
     loop with no data pipeline, which `uniformer bench train` compares against the stream."""
     gen = torch.Generator().manual_seed(seed)
     batches = [{"clip": torch.randint(0, 256, (micro_batch, *clip_shape(cfg.data)), dtype=torch.uint8, generator=gen),
                 "label": torch.randint(0, cfg.model.num_classes, (micro_batch,), generator=gen),
                 "valid": torch.ones(micro_batch, dtype=torch.bool)} for _ in range(2)]
+    if pin:
+        batches = [{k: v.pin_memory() for k, v in batch.items()} for batch in batches]
     yield from itertools.cycle(batches)
 
 
 def load_checkpoint_state(checkpoint: ray.train.Checkpoint) -> dict:
     with checkpoint.as_directory() as directory:
         return torch.load(Path(directory) / CHECKPOINT_FILE, map_location="cpu", weights_only=False)
+
+
+@dataclasses.dataclass
+class TrainingState:
+    model: torch.nn.Module  # what steps: DDP-wrapped when there are several workers
+    net: torch.nn.Module  # the plain network inside (validated, checkpointed)
+    optimizer: torch.optim.Optimizer
+    scaler: torch.amp.GradScaler
+    ema: recipe.ModelEMA | None
+
+
+def build_training_state(cfg: Config, device: torch.device, place: Callable[[torch.nn.Module], torch.nn.Module],
+                         checkpoint_state: dict | None = None) -> TrainingState:
+    """Model, optimizer, scaler and EMA, resumed from `checkpoint_state` when given.
+
+    The order matters on a GPU: `place` (Ray's prepare_model: move to the device, wrap in DDP)
+    comes first, so that the optimizer's and EMA's tensors are created, and the checkpoint's
+    optimizer state is loaded, on the parameters' device. Loaded before the move, AdamW's state
+    stays on the CPU and the fused step fails at the first step after every restart.
+    """
+    torch.manual_seed(cfg.train.seed)  # same init on every rank; DDP broadcasts rank 0's anyway
+    net = create_uniformer(cfg.model.variant, num_classes=cfg.model.num_classes,
+                           drop_path_rate=cfg.model.drop_path_rate)
+    if cfg.model.grad_checkpointing:
+        net.set_grad_checkpointing(True)
+    if cfg.model.init_from and checkpoint_state is None:
+        log.info(f"init from {cfg.model.init_from}: {load_pretrained(net, cfg.model.init_from)}")
+    model = place(net)
+    net = model.module if isinstance(model, torch.nn.parallel.DistributedDataParallel) else model
+    optimizer = torch.optim.AdamW(recipe.param_groups(net, cfg.optim.weight_decay),
+                                  lr=recipe.scaled_lr(cfg.optim.lr_per_32, cfg.train.batch_size),
+                                  betas=cfg.optim.betas, fused=device.type == "cuda")
+    scaler = torch.amp.GradScaler(device.type, enabled=cfg.train.precision == "fp16")
+    ema = None
+    if cfg.optim.ema_decay:
+        ema = recipe.ModelEMA(net, cfg.optim.ema_decay, updates=(checkpoint_state or {}).get("ema_updates", 0))
+    if checkpoint_state is not None:
+        net.load_state_dict(checkpoint_state["model_state"])
+        optimizer.load_state_dict(checkpoint_state["optimizer"])
+        scaler.load_state_dict(checkpoint_state["scaler"])
+        if ema is not None and checkpoint_state.get("ema_state"):
+            ema.module.load_state_dict(checkpoint_state["ema_state"])
+    return TrainingState(model, net, optimizer, scaler, ema)
+
+
+def check_resumable(checkpoint_state: dict, identity: dict[str, str]) -> None:
+    """Refuse to continue a checkpoint of another training (see config.RESUMABLE_KEYS)."""
+    if checkpoint_state.get("identity_digest", identity_digest(identity)) != identity_digest(identity):
+        changed = changed_keys(checkpoint_state.get("identity", {}), identity)
+        raise ConfigError(f"the checkpoint of train.run_name={identity['train.run_name']!r} was trained with "
+                          f"other values of {', '.join(changed) or 'the config'}; keep them, or start a new run "
+                          f"(--new-run or another train.run_name)")
+
+
+def worst_score(metric: str) -> float:
+    """What a checkpoint scores before any validation: the worst, so that Ray never keeps it over a
+    validated one (Ray scores a missing metric as -inf, which under "min" would be the best).
+    Finite: Ray saves its checkpoint list as JSON, restores infinities as None and then fails."""
+    return sys.float_info.max if checkpoint_order(metric) == "min" else -sys.float_info.max
 
 
 def train_loop_per_worker(loop_config: dict) -> None:
@@ -143,64 +207,53 @@ def train_loop_per_worker(loop_config: dict) -> None:
     is_rank0 = rank == 0
     device = ray.train.torch.get_device()
     manifest = read_manifest(cfg.data.manifest, storage=cfg.storage)
+    identity = training_identity(cfg, manifest_hash(manifest))
     train_rows = split_rows(manifest, cfg.data.train_split)
     # Validation takes every row of its split: unusable videos are counted, not skipped.
     val_rows = manifest.filter(pa.compute.equal(manifest["split"], cfg.data.val_split))
 
-    # Same init on every rank from the seed; DDP then broadcasts rank 0's weights anyway.
-    torch.manual_seed(cfg.train.seed)
-    model = create_uniformer(cfg.model.variant, num_classes=cfg.model.num_classes,
-                             drop_path_rate=cfg.model.drop_path_rate)
-    if cfg.model.grad_checkpointing:
-        model.set_grad_checkpointing(True)
-    if cfg.model.init_from:
-        report = load_pretrained(model, cfg.model.init_from)
-        if is_rank0:
-            log.info(f"init from {cfg.model.init_from}: {report}")
+    checkpoint = ray.train.get_checkpoint()
+    state = load_checkpoint_state(checkpoint) if checkpoint else None
+    if state is not None:
+        check_resumable(state, identity)
+    ts = build_training_state(cfg, device, ray.train.torch.prepare_model, state)
+    model, net, optimizer, scaler, ema = ts.model, ts.net, ts.optimizer, ts.scaler, ts.ema
     micro_batch = cfg.train.batch_size // (world * cfg.optim.grad_accum_steps)
     base_lr = recipe.scaled_lr(cfg.optim.lr_per_32, cfg.train.batch_size)
-    optimizer = torch.optim.AdamW(recipe.param_groups(model, cfg.optim.weight_decay), lr=base_lr,
-                                  betas=cfg.optim.betas, fused=device.type == "cuda")
-    scaler = torch.amp.GradScaler(device.type, enabled=cfg.train.precision == "fp16")
-    ema = recipe.ModelEMA(model, cfg.optim.ema_decay) if cfg.optim.ema_decay else None
     epoch_steps = steps_per_epoch(cfg, train_rows.num_rows)
     total_steps = epoch_steps * cfg.optim.epochs
     warmup_steps = int(epoch_steps * cfg.optim.warmup_epochs)
 
     start_epoch, step, last_val = 0, 0, {}
     run_id = loop_config["mlflow_run_id"]
-    checkpoint = ray.train.get_checkpoint()
-    if checkpoint:
-        state = load_checkpoint_state(checkpoint)
-        model.load_state_dict(state["model_state"])
-        optimizer.load_state_dict(state["optimizer"])
-        scaler.load_state_dict(state["scaler"])
-        if ema is not None and state.get("ema_state"):
-            ema.module.load_state_dict(state["ema_state"])
+    if state is not None:
         start_epoch, step, last_val = state["epoch"], state["step"], state["last_val"]
         run_id = state["mlflow_run_id"]
         if is_rank0:
             log.info(f"resumed from checkpoint at epoch {start_epoch}, step {step}")
-    model = ray.train.torch.prepare_model(model)
-    client = tracking.client_for(cfg) if is_rank0 and run_id else None  # no run: a benchmark
+    # Rank 0's metrics leave through a queue drained by a thread: no step waits on the tracking server.
+    metric_queue = tracking.MetricQueue(tracking.client_for(cfg), run_id) if is_rank0 and run_id else None
+    pin = device.type == "cuda"  # pinned host batches let the copies below overlap compute
     with tracking.system_metrics(cfg, run_id):
         for epoch in range(start_epoch, cfg.optim.epochs):
             # Every random draw derives from (seed, rank, epoch): a resumed run repeats an uninterrupted one.
             torch.manual_seed(cfg.train.seed * 100_003 + epoch * 1_009 + rank)
             mix_rng = np.random.default_rng([cfg.train.seed, rank, epoch])
             if loop_config.get("data_source") == "memory":
-                batches = memory_batches(cfg, micro_batch, seed=cfg.train.seed + rank)
+                batches = memory_batches(cfg, micro_batch, seed=cfg.train.seed + rank, pin=pin)
             else:
                 shard = worker_shard(train_rows, rank=rank, world=world, seed=cfg.train.seed, epoch=epoch,
                                      equal=True)
                 ds = build_clip_dataset(shard, split=cfg.data.train_split, data=cfg.data, storage=cfg.storage,
                                         training=True, seed=cfg.train.seed, epoch=epoch)
-                batches = iter(ds.iter_torch_batches(batch_size=micro_batch, drop_last=True, prefetch_batches=2))
+                batches = iter(ds.iter_torch_batches(batch_size=micro_batch, drop_last=True, prefetch_batches=2,
+                                                     device="cpu", pin_memory=pin))
             model.train()
-            epoch_clips, epoch_s, epoch_wait_s = 0, 0.0, 0.0
-            for _ in range(epoch_steps):
-                t_step = time.perf_counter()
-                wait_s, loss_sum, skipped, clips_done = 0.0, 0.0, 0, 0
+            # Running sums stay on the device and are read once per log interval: no per-step sync.
+            sums = torch.zeros(3, dtype=torch.float64, device=device)  # loss, skipped clips, micro-steps
+            interval_t0, interval_wait_s, interval_clips = time.perf_counter(), 0.0, 0
+            epoch_t0, epoch_wait_s, epoch_clips = interval_t0, 0.0, 0
+            for epoch_step in range(epoch_steps):
                 lr = recipe.warmup_cosine(step, warmup_steps=warmup_steps, total_steps=total_steps,
                                           base_lr=base_lr, min_lr=cfg.optim.min_lr)
                 for group in optimizer.param_groups:
@@ -208,16 +261,16 @@ def train_loop_per_worker(loop_config: dict) -> None:
                 for micro in range(cfg.optim.grad_accum_steps):
                     t_wait = time.perf_counter()
                     batch = next(batches)
-                    wait_s += time.perf_counter() - t_wait
-                    valid = batch["valid"].to(device)
-                    skipped += int((~valid).sum())
+                    interval_wait_s += time.perf_counter() - t_wait
+                    valid_host = batch["valid"]
+                    valid = valid_host.to(device, non_blocking=True)
                     clips = normalize_on_device(batch["clip"].to(device, non_blocking=True),
                                                 cfg.data.mean, cfg.data.std)
-                    labels = batch["label"].to(device)
+                    labels = batch["label"].to(device, non_blocking=True)
                     clips, targets = recipe.mix_batch(
                         clips, labels, num_classes=cfg.model.num_classes, mixup_alpha=cfg.optim.mixup_alpha,
                         cutmix_alpha=cfg.optim.cutmix_alpha, prob=cfg.optim.mixup_prob,
-                        smoothing=cfg.optim.label_smoothing, rng=mix_rng)
+                        smoothing=cfg.optim.label_smoothing, rng=mix_rng, valid=valid_host)
                     # Every rank must run forward/backward for DDP, so unusable clips get zero weight.
                     sync = micro == cfg.optim.grad_accum_steps - 1
                     with (contextlib.nullcontext() if sync or world == 1 else model.no_sync()), autocast(cfg, device):
@@ -225,8 +278,8 @@ def train_loop_per_worker(loop_config: dict) -> None:
                         per_clip = torch.sum(-targets * F.log_softmax(logits.float(), dim=-1), dim=-1)
                         loss = (per_clip * valid).sum() / valid.sum().clamp(min=1)
                         scaler.scale(loss / cfg.optim.grad_accum_steps).backward()
-                    loss_sum += loss.item()
-                    clips_done += labels.numel()
+                    sums += torch.stack([loss.detach().double(), (~valid).sum().double(), sums.new_ones(())])
+                    interval_clips += labels.numel() * world
                 if cfg.optim.clip_grad_norm:
                     scaler.unscale_(optimizer)
                     torch.nn.utils.clip_grad_norm_(model.parameters(), cfg.optim.clip_grad_norm)
@@ -234,44 +287,52 @@ def train_loop_per_worker(loop_config: dict) -> None:
                 scaler.update()
                 optimizer.zero_grad(set_to_none=True)
                 if ema is not None:
-                    ema.update(model.module if hasattr(model, "module") else model)
+                    ema.update(net)
                 step += 1
-                step_s = time.perf_counter() - t_step
-                epoch_clips += clips_done * world
-                epoch_s += step_s
-                epoch_wait_s += wait_s
-                if client:
-                    tracking.log_metrics(client, run_id, {
-                        "train_loss": loss_sum / cfg.optim.grad_accum_steps, "lr": lr,
-                        "clips_per_s": clips_done * world / step_s, "data_wait_fraction": wait_s / step_s,
-                        "skipped_clips": skipped, "epoch": epoch}, step)
+                if step % cfg.tracking.log_every_steps == 0 or epoch_step == epoch_steps - 1:
+                    loss_sum, skipped, micro_steps = sums.tolist()  # the one device sync of the interval
+                    interval_s = time.perf_counter() - interval_t0
+                    train_loss = loss_sum / max(micro_steps, 1)
+                    if metric_queue:
+                        metric_queue.log({"train_loss": train_loss, "lr": lr, "clips_per_s": interval_clips / interval_s,
+                                          "data_wait_fraction": interval_wait_s / interval_s,
+                                          "skipped_clips": skipped, "epoch": epoch}, step)
+                    epoch_wait_s += interval_wait_s
+                    epoch_clips += interval_clips
+                    sums.zero_()
+                    interval_t0, interval_wait_s, interval_clips = time.perf_counter(), 0.0, 0
 
             batches.close()  # stop this epoch's Ray Data executor: a lingering one holds decode CPUs
             epoch += 1
+            epoch_s = time.perf_counter() - epoch_t0
             # This worker's clips/s and data wait over the epoch (every rank steps in lockstep under DDP).
             fresh = {"epoch_clips_per_s": epoch_clips / epoch_s, "epoch_data_wait_fraction": epoch_wait_s / epoch_s}
             if epoch % cfg.train.val_every_epochs == 0 or epoch == cfg.optim.epochs:
-                eval_model = ema.module if ema is not None else model
-                last_val = validate(eval_model, cfg, worker_shard(val_rows, rank=rank, world=world, seed=0, epoch=0,
-                                                                  equal=False), device)
+                # The plain network, never the DDP wrapper: its forward broadcasts buffers, and a rank
+                # with fewer validation batches would leave the others waiting in that collective.
+                last_val = validate(ema.module if ema is not None else net, cfg,
+                                    worker_shard(val_rows, rank=rank, world=world, seed=0, epoch=0, equal=False),
+                                    device)
                 fresh.update({k: v for k, v in last_val.items() if k != "confusion"})
-            if client:
-                tracking.log_metrics(client, run_id, fresh, step)
+            if metric_queue:
+                metric_queue.log(fresh, step)
             metrics = {"epoch": epoch, "step": step, **{k: v for k, v in last_val.items() if k != "confusion"}, **fresh}
             if is_rank0:
                 shown = {k: round(v, 4) if isinstance(v, float) else v for k, v in metrics.items()}
-                log.info(f"epoch {epoch}/{cfg.optim.epochs} loss {loss_sum / cfg.optim.grad_accum_steps:.4f} {shown}")
-            metrics.setdefault(cfg.train.checkpoint_metric, 0.0)  # Ray ranks checkpoints by it: before any validation
+                log.info(f"epoch {epoch}/{cfg.optim.epochs} loss {train_loss:.4f} {shown}")
+            metrics.setdefault(cfg.train.checkpoint_metric, worst_score(cfg.train.checkpoint_metric))
             with tempfile.TemporaryDirectory() as tmp:
                 checkpoint = None
                 if is_rank0 and (epoch % cfg.train.checkpoint_every_epochs == 0 or epoch == cfg.optim.epochs):
-                    unwrapped = model.module if hasattr(model, "module") else model
                     checkpoint = save_checkpoint(Path(tmp), {
-                        "model_state": unwrapped.state_dict(), "optimizer": optimizer.state_dict(),
+                        "model_state": net.state_dict(), "optimizer": optimizer.state_dict(),
                         "scaler": scaler.state_dict(), "ema_state": ema.module.state_dict() if ema else None,
+                        "ema_updates": ema.updates if ema else 0,
                         "epoch": epoch, "step": step, "last_val": last_val, "mlflow_run_id": run_id,
-                        "config": cfg.to_dict()})
+                        "config": cfg.to_dict(), "identity": identity, "identity_digest": identity_digest(identity)})
                 ray.train.report(metrics, checkpoint=checkpoint)
+    if metric_queue:
+        metric_queue.close()
 
 
 def with_absolute_inputs(cfg: Config) -> Config:
@@ -294,9 +355,10 @@ def checked_manifest(cfg: Config) -> pa.Table:
     return manifest
 
 
-def make_trainer(cfg: Config, run_id: str | None, *, data_source: str = "stream"):
+def make_trainer(cfg: Config, run_id: str | None, *, data_source: str = "stream", ray_run_name: str = ""):
     """The TorchTrainer of `cfg`; `run_id` None logs nothing to MLflow, `data_source="memory"` trains
-    on `memory_batches` instead of the clip stream."""
+    on `memory_batches` instead of the clip stream. `ray_run_name` (default `train.run_name`) names
+    the Ray run, whose checkpoints a rerun resumes from."""
     from ray.train import CheckpointConfig, FailureConfig, RunConfig, ScalingConfig
     from ray.train.torch import TorchTrainer
 
@@ -309,24 +371,32 @@ def make_trainer(cfg: Config, run_id: str | None, *, data_source: str = "stream"
         scaling_config=ScalingConfig(num_workers=cfg.train.num_workers, use_gpu=cfg.train.use_gpu,
                                      resources_per_worker={"CPU": cfg.train.cpus_per_worker}),
         run_config=RunConfig(
-            name=cfg.train.run_name, storage_path=storage_path, storage_filesystem=storage_fs,
+            name=ray_run_name or cfg.train.run_name, storage_path=storage_path, storage_filesystem=storage_fs,
             failure_config=FailureConfig(max_failures=cfg.train.max_failures),
             checkpoint_config=CheckpointConfig(num_to_keep=cfg.train.keep_checkpoints,
                                                checkpoint_score_attribute=cfg.train.checkpoint_metric,
-                                               checkpoint_score_order="max")),
+                                               checkpoint_score_order=checkpoint_order(cfg.train.checkpoint_metric))),
     )
 
 
-def run_training(cfg: Config) -> dict:
-    """The driver: check the inputs, open (or continue) the MLflow run, and fit on Ray Train."""
+def run_training(cfg: Config, *, new_run: bool = False) -> dict:
+    """The driver: check the inputs, open (or continue) the MLflow run, and fit on Ray Train.
+
+    The same `train.run_name` continues the same training, refused when its config or data
+    changed (beyond config.RESUMABLE_KEYS); `new_run` starts a fresh one under that name instead.
+    """
     from pipeline.raycluster import init_ray
 
     cfg = with_absolute_inputs(tracking.with_resolved_tracking(cfg))  # workers must read and log as the driver
     manifest = checked_manifest(cfg)
-    run_id = tracking.find_or_create_run(cfg, manifest=manifest)
+    run_id = tracking.find_or_create_run(cfg, manifest=manifest, new_run=new_run)
     init_ray()
     t0 = time.perf_counter()
-    result = make_trainer(cfg, run_id).fit()
+    try:
+        result = make_trainer(cfg, run_id, ray_run_name=tracking.ray_run_name(cfg, run_id)).fit()
+    except BaseException:
+        tracking.mark_failed(cfg, run_id)
+        raise
     state = load_checkpoint_state(result.checkpoint)
     models = tracking.finish_training_run(cfg, run_id, state, tracking.dataset_labels(cfg, manifest))
     return {**models, "tracking_uri": tracking.tracking_uri(cfg), "checkpoint": result.checkpoint.path,

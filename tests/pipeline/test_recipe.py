@@ -45,11 +45,34 @@ def test_mix_batch_off_gives_smoothed_one_hot():
     assert mixed is clips and targets.tolist() == [[0, 1, 0, 0], [1, 0, 0, 0]]
 
 
-def test_ema_moves_towards_the_model():
+def test_ema_moves_towards_the_model_with_a_warm_up():
     model = torch.nn.Linear(3, 2)
     ema = recipe.ModelEMA(model, decay=0.5)
+    assert ema.current_decay() == pytest.approx(0.1)  # (1 + 0) / (10 + 0): warm-up caps the decay
     with torch.no_grad():
         model.weight.add_(1.0)
     before = ema.module.weight.clone()
     ema.update(model)
-    torch.testing.assert_close(ema.module.weight, before + 0.5)
+    torch.testing.assert_close(ema.module.weight, before + 0.9)
+    late = recipe.ModelEMA(model, decay=0.5, updates=100)
+    assert late.current_decay() == 0.5
+
+
+def test_mix_batch_never_blends_unusable_clips():
+    clips = torch.rand(5, 3, 2, 16, 16)
+    clips[1] = 0  # an unusable video's blank clip
+    valid = torch.tensor([True, False, True, True, True])
+    for seed in range(20):
+        for mixup, cutmix in [(0.8, 0.0), (0.0, 1.0)]:
+            mixed, targets = recipe.mix_batch(clips, torch.arange(5), num_classes=5, mixup_alpha=mixup,
+                                              cutmix_alpha=cutmix, prob=1.0, smoothing=0.0,
+                                              rng=np.random.default_rng(seed), valid=valid)
+            assert torch.equal(mixed[1], clips[1])
+            for i in (0, 2, 3, 4):  # no usable clip takes pixels or label mass from the blank one
+                assert targets[i, 1] == 0
+                assert not torch.equal(mixed[i], clips[i]) or mixup == 0
+
+
+def test_mix_partners():
+    assert recipe.mix_partners(torch.tensor([True, False, True, True])).tolist() == [3, 1, 2, 0]
+    assert recipe.mix_partners(torch.tensor([True, False])) is None
