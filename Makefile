@@ -4,7 +4,7 @@ PYTHON ?= python3
 PY := $(VENV)/bin/python
 STAMP := $(VENV)/.installed
 
-.PHONY: demo test install clean
+.PHONY: demo test gpu-check install clean
 
 install: $(STAMP)
 
@@ -22,6 +22,11 @@ demo: $(STAMP)
 
 test: $(STAMP)
 	$(PY) -m pytest -q
+
+# Not part of `make test`: the GPU-only tests and benchmarks, one table of targets (a few minutes on
+# one GPU). Without CUDA it prints one line saying so and exits 0.
+gpu-check: $(STAMP)
+	$(PY) -m jobs.bench gpu
 
 clean:
 	rm -rf work .pytest_cache

@@ -8,7 +8,8 @@ seek-decoded clip against its window (`pipeline.bench_data`). `train`: the train
 Train fed by the clip stream against the same loop fed from memory: the data-stall fraction
 (`pipeline.bench_train`). `model`: clips/s, step time, peak
 memory and MFU of the network, optionally beside the plain reference formulation; `dwconv`: one
-depthwise 3D convolution, PyTorch against the Triton op (`pipeline.bench_model`). Each subcommand is a subparser
+depthwise 3D convolution, PyTorch against the Triton op (`pipeline.bench_model`). `gpu`: every
+GPU-only test and benchmark against its target (`pipeline.gpu_check`; `make gpu-check`). Each subcommand is a subparser
 here whose work lives in `pipeline/bench_<what>.py`; add one with `_add_<what>` + `SUBCOMMANDS`.
 Every subcommand also takes `--config FILE.yaml` and `key=value` overrides.
 """
@@ -105,9 +106,27 @@ def _run_train(args: argparse.Namespace, cfg: Config, parser: argparse.ArgumentP
 
 
 # ---------------------------------------------------------------------------------------------
+# gpu
+
+
+def _add_gpu(sub: argparse._SubParsersAction) -> argparse.ArgumentParser:
+    p = sub.add_parser("gpu", help="every GPU-only test and benchmark, one table of targets (make gpu-check)",
+                       description="Runs tests/gpu and the model and depthwise-conv benchmarks against their "
+                       "targets (pipeline.gpu_check); without CUDA says so and exits 0.")
+    p.set_defaults(run=_run_gpu)
+    return p
+
+
+def _run_gpu(args: argparse.Namespace, cfg: Config, parser: argparse.ArgumentParser) -> dict[str, Any]:
+    from pipeline.gpu_check import run_gpu_check
+
+    return run_gpu_check(progress=_progress())
+
+
+# ---------------------------------------------------------------------------------------------
 
 SUBCOMMANDS: tuple[Callable[[argparse._SubParsersAction], argparse.ArgumentParser], ...] = (
-    _add_data, _add_train, add_model_parser, add_dwconv_parser)
+    _add_data, _add_train, add_model_parser, add_dwconv_parser, _add_gpu)
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -138,6 +157,8 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
     except (ValueError, StorageError) as err:
         sub.exit(2, f"{sub.prog}: error: {err}\n")
     print(json.dumps({"bench": args.what, **summary}), flush=True)
+    if summary.get("ok") is False:  # a check (gpu) that missed a target fails the command
+        sys.exit(1)
     return summary
 
 

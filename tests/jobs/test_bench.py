@@ -64,3 +64,47 @@ def test_bench_needs_a_subcommand(capsys):
     with pytest.raises(SystemExit):
         bench.main([])
     assert "<what>" in capsys.readouterr().err
+
+
+def test_gpu_check_without_cuda_says_so_in_one_line_and_succeeds(capsys):
+    import torch
+
+    assert not torch.cuda.is_available()  # this suite runs on CPU machines; make gpu-check on GPU ones
+    bench.main(["gpu"])
+    lines = capsys.readouterr().out.strip().splitlines()
+    assert len(lines) == 1
+    assert json.loads(lines[0]) == {"bench": "gpu", "cuda": False,
+                                    "note": "no CUDA device here: gpu-check measures nothing on a CPU"}
+
+
+def test_gpu_check_table_and_targets():
+    from pipeline.gpu_check import BENCHES, Target, _dig, table
+
+    speed, memory = Target("train", "optimised.clips_per_s", at_least=172), Target("mem", "m", at_most=8.85)
+    assert speed.met(180.0) and not speed.met(171.9) and not speed.met(None)
+    assert memory.met(8.0) and not memory.met(9.0) and memory.wanted() == "<= 8.85"
+    assert _dig({"optimised": {"clips_per_s": 3.5}}, "optimised.clips_per_s") == 3.5
+    assert _dig({"error": "x"}, "optimised.clips_per_s") is None
+    text = table([{"check": "S train", "target": ">= 172", "measured": 180.123, "reference": 90.0, "ok": True},
+                  {"check": "GPU tests::x", "target": "pass", "measured": "failed", "ok": False}])
+    lines = text.splitlines()
+    assert lines[0].split() == ["check", "target", "measured", "reference", "ok"]
+    assert lines[1].split()[-3:] == ["180.1", "90", "yes"] and lines[2].endswith("NO")
+    names = [t.name for _, _, targets in BENCHES for t in targets]
+    assert len(names) == 6 and any("peak GiB" in n for n in names)
+
+
+def test_gpu_test_files_are_not_collected_by_make_test():
+    import subprocess
+    import sys
+
+    from pipeline.gpu_check import ROOT
+
+    files = sorted(p.name for p in (ROOT / "tests" / "gpu").glob("gpu_*.py"))
+    assert files == ["gpu_model.py", "gpu_train.py"]
+    for name in files:  # they still compile
+        compile((ROOT / "tests" / "gpu" / name).read_text(), name, "exec")
+    collected = subprocess.run([sys.executable, "-m", "pytest", "--collect-only", "-q", "tests"], cwd=ROOT,
+                               capture_output=True, text=True)
+    assert collected.returncode == 0, collected.stdout[-2000:]
+    assert "tests/gpu" not in collected.stdout and "tests/model/test_uniformer.py" in collected.stdout

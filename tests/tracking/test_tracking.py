@@ -64,6 +64,48 @@ def test_a_resumed_training_continues_its_run(embedded):
     assert tracking.find_or_create_run(tiny_config(run_name="other")) != first
 
 
+def test_a_resume_with_another_config_or_dataset_is_refused(embedded, tiny_videos, tmp_path):
+    import shutil
+
+    from pipeline.config import ConfigError
+    from pipeline.manifest import read_manifest, write_manifest
+
+    cfg = tiny_config(run_name="guarded", manifest=tiny_videos["manifest"])
+    first = tracking.find_or_create_run(cfg)
+    longer = tiny_config(run_name="guarded", manifest=tiny_videos["manifest"], extra=("optim.epochs=5",))
+    assert tracking.find_or_create_run(longer) == first  # more epochs: the allowed kind of change
+    client = tracking.client_for(cfg)
+    assert client.get_run(first).data.tags["resumed.optim.epochs"] == "5"
+    assert client.get_run(first).data.params["optim.epochs"] == "2"  # params say what the run started as
+    with pytest.raises(ConfigError, match=r"continues MLflow run \w+, which trained with other values of "
+                                          r"optim\.weight_decay, train\.seed; keep them, pass --new-run"):
+        tracking.find_or_create_run(tiny_config(run_name="guarded", manifest=tiny_videos["manifest"],
+                                                extra=("optim.weight_decay=0.1", "train.seed=3")))
+    changed = tmp_path / "prepared"  # the same folder name, other rows: the manifest hash tells
+    shutil.copytree(tiny_videos["manifest"], changed)
+    table = read_manifest(str(changed))
+    write_manifest(table.slice(1), str(changed))
+    moved = tiny_config(run_name="guarded", manifest=str(changed))
+    with pytest.raises(ConfigError, match=r"other values of data\.manifest, data\.manifest_hash"):
+        tracking.find_or_create_run(moved)
+
+    fresh = tracking.find_or_create_run(moved, new_run=True)
+    assert fresh != first
+    assert tracking.ray_run_name(moved, first) == "guarded"
+    assert tracking.ray_run_name(moved, fresh) == f"guarded-{fresh[:8]}"  # Ray must not resume the old one
+    assert tracking.find_or_create_run(moved) == fresh  # the newest run of the name is the one resumed
+
+
+def test_a_failed_training_marks_its_run_failed(embedded, monkeypatch):
+    monkeypatch.setenv("MLFLOW_HTTP_REQUEST_MAX_RETRIES", "0")  # the unreachable server below fails at once
+    cfg = tiny_config(run_name="doomed")
+    run_id = tracking.find_or_create_run(cfg)
+    tracking.mark_failed(cfg, run_id)
+    assert tracking.client_for(cfg).get_run(run_id).info.status == "FAILED"
+    unreachable = tiny_config(run_name="doomed", extra=("tracking.tracking_uri=http://127.0.0.1:1",))
+    tracking.mark_failed(unreachable, run_id)  # warns, never raises over the training's own error
+
+
 def test_system_metrics_come_from_local_rank_zero_only(embedded):
     cfg = tiny_config(run_name="sysmetrics", extra=("tracking.system_metrics=true",))
     run_id = tracking.find_or_create_run(cfg)
