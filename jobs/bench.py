@@ -94,13 +94,20 @@ def _add_train(sub: argparse._SubParsersAction) -> argparse.ArgumentParser:
     p.add_argument("--videos-per-class", type=int_at_least(2), default=16,
                    help="synthetic videos per class, a quarter of them val (default 16)")
     p.add_argument("--work-dir", default="work/bench_train", help="synthetic set and checkpoints go here")
+    p.add_argument("--tracking-outage", type=int_at_least(1), metavar="SECONDS",
+                   help="instead: one stream run logging to a local mlflow server that is down this long; "
+                   "step times before, during and after the outage")
     p.set_defaults(run=_run_train, config=str(DEMO_CONFIG))
     return p
 
 
 def _run_train(args: argparse.Namespace, cfg: Config, parser: argparse.ArgumentParser) -> dict[str, Any]:
-    from pipeline.bench_train import run_train_bench
+    from pipeline.bench_train import run_outage_bench, run_train_bench
 
+    if args.tracking_outage:
+        return run_outage_bench(cfg, outage_s=args.tracking_outage, manifest_uri=args.manifest,
+                                steps=args.steps, videos_per_class=args.videos_per_class, work_dir=args.work_dir,
+                                progress=_progress())
     return run_train_bench(cfg, manifest_uri=args.manifest, epochs=args.epochs, steps=args.steps,
                            videos_per_class=args.videos_per_class, work_dir=args.work_dir, progress=_progress())
 

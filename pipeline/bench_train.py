@@ -14,12 +14,24 @@ own Ray Data start-up, a real cost, stays in. Nothing is logged to MLflow.
 data_stall_fraction = 1 - stream clips/s / memory clips/s: the share of training speed the data
 pipeline costs. On a GPU cluster it should be near 0; on a 2-core CPU machine decode and training
 share the cores, so the stream is slower for want of CPU as well as for waiting.
+
+    uniformer bench train --tracking-outage 60
+
+instead trains once on the stream while logging every step to a local `mlflow server`, which is
+stopped for that many seconds after a quarter of the steps and then started again; it reports the
+median step time before, during and after the outage (from the steps' own metrics, delivered
+once the server is back) and how many steps' metrics arrived.
 """
 
 from __future__ import annotations
 
 import dataclasses
 import os
+import socket
+import statistics
+import subprocess
+import sys
+import threading
 import time
 from pathlib import Path
 from typing import Any, Callable
@@ -91,3 +103,108 @@ def run_train_bench(cfg: Config, *, manifest_uri: str = "", epochs: int = 2, ste
     result["stream_over_memory"] = round(result["stream"]["clips_per_s"] / result["memory"]["clips_per_s"], 3)
     result["data_stall_fraction"] = round(1 - result["stream_over_memory"], 3)
     return result
+
+
+class LocalMlflowServer:
+    """`mlflow server` on a loopback port with a SQLite store in `folder`; stop and start it again
+    on the same port and store to stage an outage."""
+
+    def __init__(self, folder: Path):
+        self.folder = folder
+        folder.mkdir(parents=True, exist_ok=True)
+        with socket.socket() as sock:
+            sock.bind(("127.0.0.1", 0))
+            self.port = sock.getsockname()[1]
+        self.url = f"http://127.0.0.1:{self.port}"
+        self.proc: subprocess.Popen | None = None
+
+    def start(self, timeout_s: float = 90.0) -> None:
+        import urllib.request
+
+        self.proc = subprocess.Popen(
+            [sys.executable, "-m", "mlflow", "server", "--host", "127.0.0.1", "--port", str(self.port),
+             "--workers", "1", "--backend-store-uri", f"sqlite:///{self.folder / 'mlflow.db'}",
+             "--artifacts-destination", str(self.folder / "artifacts")],
+            cwd=self.folder, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL,
+            env={**os.environ, "MLFLOW_SERVER_ENABLE_JOB_EXECUTION": "false"})
+        deadline = time.monotonic() + timeout_s
+        while True:
+            try:
+                urllib.request.urlopen(f"{self.url}/health", timeout=2)
+                return
+            except OSError:
+                if self.proc.poll() is not None or time.monotonic() > deadline:
+                    raise RuntimeError(f"mlflow server on {self.url} did not start") from None
+                time.sleep(0.3)
+
+    def stop(self) -> None:
+        if self.proc is not None and self.proc.poll() is None:
+            self.proc.terminate()
+            try:
+                self.proc.wait(timeout=30)
+            except subprocess.TimeoutExpired:
+                self.proc.kill()
+                self.proc.wait()
+
+
+def run_outage_bench(cfg: Config, *, outage_s: float, manifest_uri: str = "", steps: int = 40,
+                     videos_per_class: int = 16, work_dir: str = "work/bench_train",
+                     progress: Callable[[str], None] = print) -> dict[str, Any]:
+    """One training on the stream, logging every step to a local server stopped for `outage_s`."""
+    from mlflow.tracking import MlflowClient
+
+    from pipeline import tracking
+    from pipeline.raycluster import init_ray
+    from pipeline.train import checked_manifest, make_trainer, with_absolute_inputs
+
+    if not manifest_uri:
+        manifest_uri = synth_manifest(work_dir, classes=cfg.model.num_classes, videos_per_class=videos_per_class,
+                                      seed=cfg.train.seed, progress=progress)
+    stamp = time.strftime("%Y%m%d-%H%M%S")
+    server = LocalMlflowServer(Path(work_dir).resolve() / f"mlflow-{stamp}")
+    cfg = with_absolute_inputs(dataclasses.replace(
+        cfg,
+        data=dataclasses.replace(cfg.data, manifest=manifest_uri),
+        optim=dataclasses.replace(cfg.optim, epochs=1),
+        train=dataclasses.replace(cfg.train, max_steps_per_epoch=steps, max_failures=0, run_name=f"bench-outage-{stamp}",
+                                  storage_path=str(Path(work_dir) / "ray_results")),
+        tracking=dataclasses.replace(cfg.tracking, tracking_uri=server.url, system_metrics=False, log_every_steps=1)))
+    manifest = checked_manifest(cfg)
+    server.start()
+    started = init_ray()
+    outage: dict[str, float] = {}
+    try:
+        run_id = tracking.find_or_create_run(cfg, manifest=manifest)
+        client = MlflowClient(server.url)
+        fit = threading.Thread(target=lambda: make_trainer(cfg, run_id).fit(), daemon=True)
+        fit.start()
+        while fit.is_alive() and len(client.get_metric_history(run_id, "clips_per_s")) < steps // 4:
+            time.sleep(0.5)
+        progress(f"stopping the tracking server for {outage_s:.0f} s")
+        outage["start"] = time.time()
+        server.stop()
+        time.sleep(outage_s)
+        server.start()
+        outage["end"] = time.time()
+        progress("tracking server back; waiting for the training and its metrics")
+        fit.join()
+        history = client.get_metric_history(run_id, "clips_per_s")
+    finally:
+        server.stop()
+        if started:
+            import ray
+
+            ray.shutdown()
+    batch = cfg.train.batch_size
+
+    def median_step_s(lo: float, hi: float) -> float | None:
+        times = [batch / m.value for m in history if lo <= m.timestamp / 1e3 < hi and m.value > 0]
+        return round(statistics.median(times), 4) if times else None
+
+    before = median_step_s(0, outage["start"])
+    during = median_step_s(outage["start"], outage["end"])
+    return {"variant": cfg.model.variant, "workers": cfg.train.num_workers, "steps": steps, "outage_s": outage_s,
+            "steps_with_metrics": len({m.step for m in history}),
+            "step_s_median": {"before": before, "during": during, "after": median_step_s(outage["end"], float("inf"))},
+            "steps_during_outage": sum(1 for m in history if outage["start"] <= m.timestamp / 1e3 < outage["end"]),
+            "during_over_before": round(during / before, 3) if before and during else None}

@@ -114,3 +114,70 @@ def test_bad_config_fails_before_any_ray_work(tmp_path, override, message):
     assert proc.returncode == 2
     errors = proc.stderr.strip().splitlines()
     assert len(errors) == 1 and message in errors[0], proc.stderr
+
+
+def one_val_video_manifest(motion_set: Path, folder: Path) -> Path:
+    """The motion set with a validation split of one video: one of the two workers validates nothing."""
+    import pyarrow.compute as pc
+
+    from pipeline.manifest import read_manifest, write_manifest
+
+    table = read_manifest(str(motion_set))
+    val_index = pc.index(table["split"], "val").as_py()
+    keep = [i for i in range(table.num_rows) if table["split"][i].as_py() != "val" or i == val_index]
+    write_manifest(table.take(keep), str(folder))
+    return folder
+
+
+def test_two_workers_validate_a_split_of_one_video(tmp_path, motion_set, two_node_cluster):
+    # Through the DDP wrapper the worker with the video would wait in a buffer broadcast that the
+    # worker without one never enters: the run would hang or mix up collectives.
+    manifest = one_val_video_manifest(motion_set, tmp_path / "one_val")
+    summary, _ = run_train(tmp_path, two_node_cluster, f"data.manifest={manifest}", "train.run_name=oneval",
+                           "optim.epochs=1", "train.max_steps_per_epoch=2", "optim.warmup_epochs=0",
+                           "train.checkpoint_metric=val_loss", timeout_s=600)
+    assert summary["val_videos"] == 1 and summary["val_unusable"] == 0
+    assert 0 < summary["val_loss"] < 10
+
+
+def test_a_tracking_server_down_for_a_minute_neither_stops_training_nor_loses_metrics(tmp_path, motion_set):
+    from pipeline.bench_train import LocalMlflowServer
+
+    server = LocalMlflowServer(tmp_path / "mlflow")
+    server.start()
+    url = server.url
+    # A Ray of the run's own (no RAY_ADDRESS) so that its workers see MLflow's retries cut to seconds:
+    # the outage then outlasts MLflow's own retrying, as a long one would with the defaults.
+    env = {k: v for k, v in os.environ.items() if k != "RAY_ADDRESS"}
+    env.update(MLFLOW_HTTP_REQUEST_MAX_RETRIES="1", MLFLOW_HTTP_REQUEST_TIMEOUT="5")
+    cmd = [sys.executable, "-m", "jobs.train", "--config", str(DEMO), f"data.manifest={motion_set}",
+           f"train.storage_path={tmp_path / 'ray_results'}", f"tracking.tracking_uri={url}", "train.run_name=outage",
+           "optim.epochs=4", "train.max_steps_per_epoch=25", "train.val_every_epochs=4", "tracking.log_every_steps=1"]
+    log = open(tmp_path / "train.log", "w")
+    training = subprocess.Popen(cmd, cwd=ROOT, env=env, stdout=log, stderr=subprocess.STDOUT, text=True)
+    try:
+        client, runs = MlflowClient(url), []
+        deadline = time.monotonic() + 600
+        while time.monotonic() < deadline and training.poll() is None:
+            runs = client.search_runs([e.experiment_id for e in client.search_experiments()])
+            if runs and client.get_metric_history(runs[0].info.run_id, "train_loss"):
+                break
+            time.sleep(1)
+        assert runs, (tmp_path / "train.log").read_text()[-3000:]
+        run_id = runs[0].info.run_id
+        server.stop()
+        checkpoints = lambda: {p.name for p in (tmp_path / "ray_results" / "outage").glob("checkpoint_*")}  # noqa: E731
+        before = checkpoints()
+        time.sleep(70)
+        during = checkpoints()
+        server.start()
+        assert training.wait(timeout=900) == 0, (tmp_path / "train.log").read_text()[-3000:]
+    finally:
+        training.kill()
+        server.stop()
+        log.close()
+    assert during - before, "no epoch finished while the tracking server was down"
+    run = MlflowClient(url).get_run(run_id)
+    assert run.info.status == "FINISHED"
+    steps = {m.step for m in MlflowClient(url).get_metric_history(run_id, "train_loss")}
+    assert steps == set(range(1, 101))  # every step's metrics, those of the outage included
