@@ -45,7 +45,7 @@ class DataConfig:
     hflip: bool = True
     mean: tuple[float, float, float] = (0.45, 0.45, 0.45)
     std: tuple[float, float, float] = (0.225, 0.225, 0.225)
-    repeated_aug: int = 1  # clips drawn per video per epoch
+    repeated_aug: int = 1  # clips drawn per video per epoch (repeated augmentation, official NUM_SAMPLE)
     test_clips: int = 4
     test_crops: Literal[1, 3] = 1
     decode_cpus: float = 1.0  # CPUs reserved by each decode task
@@ -63,7 +63,9 @@ class ModelConfig:
 
 @dataclass(frozen=True)
 class OptimConfig:
-    lr_per_32: float = 1e-4  # scaled by global batch / 32
+    # Per 32 VIDEOS, as the official configs count (their batch is videos x NUM_SAMPLE clips):
+    # lr = lr_per_32_videos x (train.batch_size / data.repeated_aug) / 32.
+    lr_per_32_videos: float = 1e-4
     weight_decay: float = 0.05
     betas: tuple[float, float] = (0.9, 0.999)
     epochs: int = 110
@@ -85,7 +87,7 @@ class TrainConfig:
     num_workers: int = 2
     use_gpu: bool = False
     cpus_per_worker: float = 1.0
-    batch_size: int = 32  # global clips per optimizer step
+    batch_size: int = 32  # global clips per optimizer step (data.repeated_aug clips per video)
     precision: Literal["bf16", "fp16", "fp32"] = "bf16"
     seed: int = 0
     val_every_epochs: int = 1
@@ -226,9 +228,10 @@ def validate(cfg: Config) -> Config:
     _check(d.decode_cpus > 0, "data.decode_cpus", "must be > 0", d.decode_cpus)
     _check(d.decode_concurrency >= 0, "data.decode_concurrency", "must be >= 0", d.decode_concurrency)
     _check(0 <= m.drop_path_rate < 1, "model.drop_path_rate", "must be in [0, 1)", m.drop_path_rate)
-    _check(o.lr_per_32 > 0, "optim.lr_per_32", "must be > 0", o.lr_per_32)
+    _check(o.lr_per_32_videos > 0, "optim.lr_per_32_videos", "must be > 0", o.lr_per_32_videos)
     _check(o.weight_decay >= 0, "optim.weight_decay", "must be >= 0", o.weight_decay)
-    _check(0 <= o.min_lr <= o.lr_per_32, "optim.min_lr", "must be in [0, optim.lr_per_32]", o.min_lr)
+    _check(0 <= o.min_lr <= o.lr_per_32_videos, "optim.min_lr", "must be in [0, optim.lr_per_32_videos]",
+           o.min_lr)
     _check(0 <= o.warmup_epochs < o.epochs, "optim.warmup_epochs", f"must be in [0, optim.epochs={o.epochs})",
            o.warmup_epochs)
     _check(all(0 <= b < 1 for b in o.betas), "optim.betas", "must be in [0, 1)", o.betas)
@@ -242,6 +245,9 @@ def validate(cfg: Config) -> Config:
     _check(t.max_failures >= -1, "train.max_failures", "must be >= -1 (-1 retries forever)", t.max_failures)
     _check(t.max_steps_per_epoch >= 0, "train.max_steps_per_epoch", "must be >= 0 (0 = whole split)",
            t.max_steps_per_epoch)
+    _check(t.batch_size % d.repeated_aug == 0, "train.batch_size",
+           f"counts clips and must hold whole videos: divisible by data.repeated_aug = {d.repeated_aug}",
+           t.batch_size)
     per_step = t.num_workers * o.grad_accum_steps
     _check(t.batch_size % per_step == 0, "train.batch_size",
            f"must be divisible by train.num_workers x optim.grad_accum_steps = {per_step}", t.batch_size)
@@ -287,7 +293,7 @@ def int_at_least(minimum: int):
 def add_config_args(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--config", help="YAML config file (infra/configs/...)")
     parser.add_argument("overrides", nargs="*", metavar="key=value",
-                        help="config overrides, e.g. optim.lr_per_32=2e-4 train.num_workers=2")
+                        help="config overrides, e.g. optim.lr_per_32_videos=2e-4 train.num_workers=2")
 
 
 def parse_job_args(parser: argparse.ArgumentParser, argv: list[str] | None,

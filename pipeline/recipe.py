@@ -27,8 +27,16 @@ def param_groups(model: nn.Module, weight_decay: float) -> list[dict]:
     return [{"params": decay, "weight_decay": weight_decay}, {"params": no_decay, "weight_decay": 0.0}]
 
 
-def scaled_lr(lr_per_32: float, global_batch: int) -> float:
-    return lr_per_32 * global_batch / 32
+def scaled_lr(lr_per_32_videos: float, *, batch_clips: int, clips_per_video: int) -> float:
+    """The learning rate for a global step of `batch_clips` clips, `clips_per_video` per video.
+
+    The official recipes count videos (their batch is BATCH_SIZE videos x NUM_SAMPLE clips each):
+    repeated clips of one video add augmentation, not new samples, so they do not raise the rate.
+    """
+    if batch_clips % clips_per_video:
+        raise ValueError(f"batch_clips={batch_clips} is not a whole number of videos of "
+                         f"clips_per_video={clips_per_video} clips")
+    return lr_per_32_videos * (batch_clips // clips_per_video) / 32
 
 
 def warmup_cosine(step: int, *, warmup_steps: int, total_steps: int, base_lr: float, min_lr: float) -> float:

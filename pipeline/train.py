@@ -158,7 +158,8 @@ def train_loop_per_worker(loop_config: dict) -> None:
         if is_rank0:
             log.info(f"init from {cfg.model.init_from}: {report}")
     micro_batch = cfg.train.batch_size // (world * cfg.optim.grad_accum_steps)
-    base_lr = recipe.scaled_lr(cfg.optim.lr_per_32, cfg.train.batch_size)
+    base_lr = recipe.scaled_lr(cfg.optim.lr_per_32_videos, batch_clips=cfg.train.batch_size,
+                               clips_per_video=cfg.data.repeated_aug)
     optimizer = torch.optim.AdamW(recipe.param_groups(model, cfg.optim.weight_decay), lr=base_lr,
                                   betas=cfg.optim.betas, fused=device.type == "cuda")
     scaler = torch.amp.GradScaler(device.type, enabled=cfg.train.precision == "fp16")

@@ -13,9 +13,9 @@ CONFIGS = ROOT / "infra" / "configs"
 ALL_CONFIGS = sorted(CONFIGS.rglob("*.yaml"))
 
 K400 = dict(sampling="dense", sampling_rate=4, hflip=True, test_clips=4, test_crops=1, num_classes=400,
-            lr_per_32=1e-4, epochs=110, warmup_epochs=10, min_lr=1e-6, clip_grad_norm=20.0, mixup_alpha=0.8,
+            lr_per_32_videos=1e-4, epochs=110, warmup_epochs=10, min_lr=1e-6, clip_grad_norm=20.0, mixup_alpha=0.8,
             cutmix_alpha=1.0, label_smoothing=0.1, repeated_aug=2, short_side=224, crop_size=224)
-SSV2 = dict(sampling="uniform", hflip=False, test_clips=1, test_crops=3, num_classes=174, lr_per_32=2e-4)
+SSV2 = dict(sampling="uniform", hflip=False, test_clips=1, test_crops=3, num_classes=174, lr_per_32_videos=2e-4)
 RECIPES = {
     "k400_uniformer_s16x4.yaml": dict(K400, variant="uniformer_s", num_frames=16, drop_path_rate=0.1),
     "k400_uniformer_b16x4.yaml": dict(K400, variant="uniformer_b", num_frames=16, drop_path_rate=0.3),

@@ -24,7 +24,16 @@ def test_warmup_then_cosine():
     assert lr[0] == pytest.approx(1e-4) and lr[9] == pytest.approx(1e-3)
     assert lr[10] == pytest.approx(1e-3) and lr[110] == pytest.approx(1e-6)
     assert all(a >= b for a, b in zip(lr[10:], lr[11:]))
-    assert recipe.scaled_lr(1e-4, 64) == pytest.approx(2e-4)
+
+
+def test_lr_counts_videos_not_clips():
+    # The official K400 S16x4 run: 1e-4 for 32 videos of 2 clips each (64 clips per step).
+    assert recipe.scaled_lr(1e-4, batch_clips=64, clips_per_video=2) == pytest.approx(1e-4)
+    assert recipe.scaled_lr(1e-4, batch_clips=64, clips_per_video=1) == pytest.approx(2e-4)
+    # The demo: 16 clips = 8 videos at 4e-3 per 32 videos.
+    assert recipe.scaled_lr(4e-3, batch_clips=16, clips_per_video=2) == pytest.approx(1e-3)
+    with pytest.raises(ValueError, match="batch_clips=15 is not a whole number of videos of clips_per_video=2"):
+        recipe.scaled_lr(1e-4, batch_clips=15, clips_per_video=2)
 
 
 @pytest.mark.parametrize("mixup, cutmix", [(0.8, 0.0), (0.0, 1.0), (0.8, 1.0)])
