@@ -6,7 +6,7 @@ from pathlib import Path
 
 import pytest
 
-from pipeline.config import load_config
+from pipeline.config import ConfigError, load_config
 
 ROOT = Path(__file__).resolve().parents[2]
 CONFIGS = ROOT / "infra" / "configs"
@@ -23,6 +23,16 @@ RECIPES = {
     "ssv2_uniformer_s16.yaml": dict(SSV2, variant="uniformer_s", num_frames=16, drop_path_rate=0.1),
     "ssv2_uniformer_b16.yaml": dict(SSV2, variant="uniformer_b", num_frames=16, drop_path_rate=0.3),
 }
+
+
+# The published recipes refuse to start without pretrained weights (model.require_init).
+INIT = ["model.init_from=s3://BUCKET/checkpoints/pretrained.pth"]
+# What each recipe starts from, as the official configs' UNIFORMER.PRETRAIN_NAME says.
+PRETRAINED = {"k400_uniformer_s16x4.yaml": "uniformer_small_in1k",
+              "k400_uniformer_b16x4.yaml": "uniformer_base_in1k",
+              "k400_uniformer_b32x4.yaml": "uniformer_base_in1k",
+              "ssv2_uniformer_s16.yaml": "uniformer_small_k400_16x4",
+              "ssv2_uniformer_b16.yaml": "uniformer_base_k400_16x4"}
 
 
 def flat(cfg) -> dict:
@@ -49,7 +59,7 @@ def test_every_config_is_found():
 
 @pytest.mark.parametrize("path", ALL_CONFIGS, ids=lambda p: str(p.relative_to(CONFIGS)))
 def test_every_config_loads(path):
-    cfg = load_config(path)
+    cfg = load_config(path, INIT)
     from model import list_variants
 
     assert cfg.model.variant in list_variants()
@@ -57,7 +67,7 @@ def test_every_config_loads(path):
 
 @pytest.mark.parametrize("name", sorted(RECIPES))
 def test_recipe_values(name):
-    got = flat(load_config(CONFIGS / name))
+    got = flat(load_config(CONFIGS / name, INIT))
     expected = RECIPES[name]
     assert {k: got[k] for k in expected} == pytest.approx(expected)
     assert got["weight_decay"] == 0.05 and tuple(got["mean"]) == (0.45,) * 3 and tuple(got["std"]) == (0.225,) * 3
@@ -81,6 +91,15 @@ def test_header_train_command_is_valid(name):
         overrides.append(token)
     cfg = load_config(ROOT / args[1], overrides)
     assert cfg.data.manifest.startswith("s3://") and cfg.train.storage_path.startswith("s3://")
+    assert cfg.model.init_from == f"s3://BUCKET/checkpoints/{PRETRAINED[name]}.pth"
+
+
+@pytest.mark.parametrize("name", sorted(RECIPES))
+def test_recipe_refuses_to_train_from_scratch(name):
+    with pytest.raises(ConfigError, match=r"^model\.init_from is required by this recipe \(model\.require_init=true\): "
+                       r"pass model\.init_from=URI .*, or model\.require_init=false to train from scratch, got ''$"):
+        load_config(CONFIGS / name)
+    assert load_config(CONFIGS / name, ["model.require_init=false"]).model.init_from == ""
 
 
 @pytest.mark.parametrize("name", sorted(RECIPES))
@@ -90,4 +109,4 @@ def test_header_prepare_command_is_valid(name):
     args = build_parser().parse_args(header_command(CONFIGS / name, "prepare"))
     assert args.output.startswith("s3://")
     if name.startswith("k400"):  # prepared copies keep every 4th frame: the recipe's sampling stride
-        assert args.frame_stride == load_config(CONFIGS / name).data.sampling_rate == 4
+        assert args.frame_stride == load_config(CONFIGS / name, INIT).data.sampling_rate == 4

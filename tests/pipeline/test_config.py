@@ -38,6 +38,7 @@ def test_round_trip_through_dict_and_yaml(tmp_path):
     ("train.batch_size=3", r"train\.batch_size must be divisible by train\.num_workers"),
     ("data.repeated_aug=3", r"train\.batch_size counts clips and must hold whole videos: divisible by "
      r"data\.repeated_aug = 3, got 32"),
+    ("model.require_init=true", r"model\.init_from is required by this recipe \(model\.require_init=true\)"),
     ("train.precision=fp8", r"train\.precision: 'fp8' is not one of 'bf16', 'fp16', 'fp32'"),
     ("data.hflip=1", r"data\.hflip: expected true or false, got 1"),
     ("data.num_frames=7", r"data\.num_frames must be even"),
