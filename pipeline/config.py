@@ -17,6 +17,8 @@ from typing import Any, Literal
 
 import yaml
 
+from pipeline.rand_augment import parse_rand_augment
+
 
 class ConfigError(ValueError):
     """A bad config value; the message names the dotted key."""
@@ -43,6 +45,10 @@ class DataConfig:
     scale: tuple[float, float] = (0.08, 1.0)
     ratio: tuple[float, float] = (0.75, 4 / 3)
     hflip: bool = True
+    # Official AUG.AA_TYPE, e.g. "rand-m7-n4-mstd0.5-inc1"; empty: off. Training clips only, before the crop.
+    rand_augment: str = ""
+    # Official AUG.RE_PROB: chance per training clip of one erased box; runs on the device (recipe.random_erase).
+    random_erasing: float = 0.0
     mean: tuple[float, float, float] = (0.45, 0.45, 0.45)
     std: tuple[float, float, float] = (0.225, 0.225, 0.225)
     repeated_aug: int = 1  # clips drawn per video per epoch (repeated augmentation, official NUM_SAMPLE)
@@ -230,6 +236,12 @@ def validate(cfg: Config) -> Config:
     _check(all(s > 0 for s in d.std), "data.std", "must be positive", d.std)
     _check(d.decode_cpus > 0, "data.decode_cpus", "must be > 0", d.decode_cpus)
     _check(d.decode_concurrency >= 0, "data.decode_concurrency", "must be >= 0", d.decode_concurrency)
+    _check(0 <= d.random_erasing <= 1, "data.random_erasing", "must be a probability in [0, 1]", d.random_erasing)
+    if d.rand_augment:
+        try:
+            parse_rand_augment(d.rand_augment)
+        except ValueError as err:
+            raise ConfigError(f"data.rand_augment: {err}") from None
     _check(0 <= m.drop_path_rate < 1, "model.drop_path_rate", "must be in [0, 1)", m.drop_path_rate)
     _check(bool(m.init_from) or not m.require_init, "model.init_from",
            "is required by this recipe (model.require_init=true): pass model.init_from=URI of the pretrained "
