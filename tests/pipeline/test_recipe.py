@@ -54,6 +54,29 @@ def test_mix_batch_off_gives_smoothed_one_hot():
     assert mixed is clips and targets.tolist() == [[0, 1, 0, 0], [1, 0, 0, 0]]
 
 
+def test_random_erase_boxes_are_cubes_of_noise_and_seeded():
+    clips = torch.zeros(64, 3, 4, 32, 40)
+    gen = torch.Generator().manual_seed(0)
+    out = recipe.random_erase(clips, prob=0.25, rng=np.random.default_rng(0), generator=gen)
+    assert out.shape == clips.shape and out.dtype == clips.dtype and not clips.any()  # the input is kept
+    erased = out.ne(0)
+    per_clip = erased.flatten(1).any(1)
+    assert 6 <= int(per_clip.sum()) <= 26  # about a quarter of 64
+    for index in torch.nonzero(per_clip).flatten():
+        box = erased[index]  # (C, T, H, W)
+        assert torch.equal(box, box[:1, :1].expand_as(box))  # the same box in every channel and frame
+        rows, cols = torch.nonzero(box[0, 0].any(1)).flatten(), torch.nonzero(box[0, 0].any(0)).flatten()
+        h, w = int(rows[-1] - rows[0] + 1), int(cols[-1] - cols[0] + 1)
+        assert box[0, 0].sum() == h * w and 0.02 * 32 * 40 * 0.5 <= h * w <= 32 * 40 / 3 * 1.2
+        noise = out[index][:, :, rows[0]:rows[-1] + 1, cols[0]:cols[-1] + 1]
+        assert not torch.equal(noise[:, 0], noise[:, 1])  # fresh noise per frame, as the official's
+    again = recipe.random_erase(clips, prob=0.25, rng=np.random.default_rng(0),
+                                generator=torch.Generator().manual_seed(0))
+    assert torch.equal(out, again)
+    assert recipe.random_erase(clips, prob=0.0, rng=np.random.default_rng(0)) is clips
+    assert recipe.random_erase(clips, prob=1.0, rng=np.random.default_rng(1)).flatten(1).ne(0).any(1).all()
+
+
 def test_ema_moves_towards_the_model():
     model = torch.nn.Linear(3, 2)
     ema = recipe.ModelEMA(model, decay=0.5)
