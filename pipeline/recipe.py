@@ -16,8 +16,10 @@ from torch import nn
 
 
 def is_no_decay(name: str, param: nn.Parameter) -> bool:
-    """Biases, norm parameters and the dynamic position-embedding convs get no weight decay."""
-    return param.ndim <= 1 or ".pos_embed." in f".{name}"
+    """Biases and norm parameters (every 1-D parameter) get no weight decay, as in the official
+    optimizer (SOLVER.ZERO_WD_1D_PARAM). Its `no_weight_decay()` names ('pos_embed') are compared
+    with full module paths there and never match, so the position-embedding conv kernels decay."""
+    return param.ndim <= 1
 
 
 def param_groups(model: nn.Module, weight_decay: float) -> list[dict]:
