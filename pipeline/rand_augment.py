@@ -46,10 +46,11 @@ def parse_rand_augment(text: str) -> RandAugmentSpec:
             raise ValueError(f"{text!r}: bad or repeated part {part!r}; the parts are m<0-10>, n<ops>, "
                              f"mstd<std>, inc<0|1>, {_EXAMPLE}")
         seen[match[1]] = match[2]
-    spec = RandAugmentSpec()
+    default = RandAugmentSpec()
     try:
-        spec = RandAugmentSpec(magnitude=int(seen.get("m", spec.magnitude)), num_ops=int(seen.get("n", spec.num_ops)),
-                               magnitude_std=float(seen.get("mstd", spec.magnitude_std)),
+        spec = RandAugmentSpec(magnitude=int(seen.get("m", default.magnitude)),
+                               num_ops=int(seen.get("n", default.num_ops)),
+                               magnitude_std=float(seen.get("mstd", default.magnitude_std)),
                                increasing=seen.get("inc", "0") == "1")
     except ValueError:
         raise ValueError(f"{text!r}: m and n take whole numbers, {_EXAMPLE}") from None

@@ -39,6 +39,8 @@ def test_round_trip_through_dict_and_yaml(tmp_path):
     ("data.repeated_aug=3", r"train\.batch_size counts clips and must hold whole videos: divisible by "
      r"data\.repeated_aug = 3, got 32"),
     ("model.require_init=true", r"model\.init_from is required by this recipe \(model\.require_init=true\)"),
+    ("data.random_erasing=1.5", r"data\.random_erasing must be a probability in \[0, 1\], got 1\.5"),
+    ("data.rand_augment=rand-x1", r"data\.rand_augment: 'rand-x1': bad or repeated part 'x1'"),
     ("train.precision=fp8", r"train\.precision: 'fp8' is not one of 'bf16', 'fp16', 'fp32'"),
     ("data.hflip=1", r"data\.hflip: expected true or false, got 1"),
     ("data.num_frames=7", r"data\.num_frames must be even"),
