@@ -1,9 +1,9 @@
 """Spatial transforms of uint8 clips `(T, H, W, C)`, the same for every frame of a clip.
 
 Training: RandAugment if asked (`pipeline.rand_augment`), `random_resized_crop` (+ `hflip` at
-random). Evaluation: `short_side_resize`, then `center_crop` or `three_crops`. Clips stay uint8 in the data pipeline (4x less to move than
-float32); `normalize_on_device` turns a batch into the model's float `(B, C, T, H, W)` on the
-training device.
+random). Evaluation: `short_side_resize`, then `center_crop` or `three_crops`. Clips stay uint8
+in the data pipeline (4x less to move than float32); `normalize_on_device` turns a batch into
+the model's float `(B, C, T, H, W)` on the training device.
 
 Resizing runs torch's uint8 bilinear kernel on channels-last memory (antialiased when
 shrinking, like PIL), measured 3-5x faster than the same resize in float32 on one core.
