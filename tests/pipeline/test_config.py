@@ -18,7 +18,8 @@ def test_overrides_are_typed():
 
 def test_yaml_then_overrides(tmp_path):
     path = tmp_path / "c.yaml"
-    path.write_text("optim:\n  lr_per_32_videos: 3e-4\n  epochs: 5\n  warmup_epochs: 1\nmodel:\n  variant: uniformer_xs\n")
+    path.write_text("optim:\n  lr_per_32_videos: 3e-4\n  epochs: 5\n  warmup_epochs: 1\n"
+                    "model:\n  variant: uniformer_xs\n")
     cfg = load_config(path, ["optim.epochs=7"])
     assert (cfg.optim.lr_per_32_videos, cfg.optim.epochs, cfg.model.variant) == (3e-4, 7, "uniformer_xs")
 
