@@ -5,7 +5,8 @@ as the working directory and the MLflow / S3 variables of this shell (names prin
 streams the job's logs and exits with its status (0 SUCCEEDED, 1 otherwise). Ends with one JSON line.
 
   uniformer submit train --config infra/configs/k400_uniformer_s16x4.yaml \\
-      data.manifest=s3://bucket/k400/prepared --address http://head:8265
+      data.manifest=s3://bucket/k400/prepared model.init_from=s3://bucket/checkpoints/uniformer_small_in1k.pth \\
+      --address http://head:8265
 
 Options of submit may stand anywhere; everything else (and everything after `--`) goes to the job.
 The head's token: RAY_AUTH_MODE=token plus RAY_AUTH_TOKEN, RAY_AUTH_TOKEN_PATH or ~/.ray/auth_token.

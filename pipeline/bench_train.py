@@ -2,7 +2,8 @@
 from memory, which gives the data-stall fraction.
 
     uniformer bench train --config infra/configs/demo.yaml            # synthetic set, CPU workers
-    uniformer bench train --config infra/configs/k400_s16x4.yaml --manifest s3://bucket/prepared
+    uniformer bench train --config infra/configs/k400_uniformer_s16x4.yaml model.require_init=false \
+        --manifest s3://bucket/prepared                                 # from scratch: speed only
 
 Both runs are the full `train_loop_per_worker` on Ray Train with the config's workers and
 recipe; only the batches differ: the stream decodes this worker's videos on Ray Data, memory

@@ -28,6 +28,7 @@ import pyarrow.compute as pc
 from pipeline import storage as store
 from pipeline.config import DataConfig, StorageConfig
 from pipeline.decode import DecodeError, VideoDecoder
+from pipeline.rand_augment import parse_rand_augment
 from pipeline.sampling import dense_indices, effective_sampling_rate, uniform_indices
 from pipeline.transforms import center_crop, three_crops, train_augment
 
@@ -64,8 +65,9 @@ def _decode_views(video: VideoDecoder, row: dict[str, Any], data: DataConfig, *,
         rng = np.random.default_rng([seed, epoch, int(row["video_id"])])
         windows = [_indices(n, data, stride, rng=rng) for _ in range(data.repeated_aug)]
         frames = video.decode(np.concatenate(windows))  # one pass over the union of the windows
+        augment = parse_rand_augment(data.rand_augment) if data.rand_augment else None
         return [train_augment(frames[r * data.num_frames:(r + 1) * data.num_frames], size=data.crop_size,
-                              scale=data.scale, ratio=data.ratio, flip=data.hflip, rng=rng)
+                              scale=data.scale, ratio=data.ratio, flip=data.hflip, rng=rng, augment=augment)
                 for r in range(data.repeated_aug)]
     windows = [_indices(n, data, stride, clip_index=c, num_clips=data.test_clips) for c in range(data.test_clips)]
     # The decoder scales to the evaluation short side while converting, cheaper than a resize after.

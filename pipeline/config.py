@@ -18,6 +18,8 @@ from typing import Any, Literal
 
 import yaml
 
+from pipeline.rand_augment import parse_rand_augment
+
 
 class ConfigError(ValueError):
     """A bad config value; the message names the dotted key."""
@@ -44,9 +46,13 @@ class DataConfig:
     scale: tuple[float, float] = (0.08, 1.0)
     ratio: tuple[float, float] = (0.75, 4 / 3)
     hflip: bool = True
+    # Official AUG.AA_TYPE, e.g. "rand-m7-n4-mstd0.5-inc1"; empty: off. Training clips only, before the crop.
+    rand_augment: str = ""
+    # Official AUG.RE_PROB: chance per training clip of one erased box; runs on the device (recipe.random_erase).
+    random_erasing: float = 0.0
     mean: tuple[float, float, float] = (0.45, 0.45, 0.45)
     std: tuple[float, float, float] = (0.225, 0.225, 0.225)
-    repeated_aug: int = 1  # clips drawn per video per epoch
+    repeated_aug: int = 1  # clips drawn per video per epoch (repeated augmentation, official NUM_SAMPLE)
     test_clips: int = 4
     test_crops: Literal[1, 3] = 1
     decode_cpus: float = 1.0  # CPUs reserved by each decode task
@@ -60,11 +66,16 @@ class ModelConfig:
     drop_path_rate: float = 0.1
     grad_checkpointing: bool = False
     init_from: str = ""  # official or own checkpoint; ImageNet 2D weights are inflated
+    # True in the published recipes: they fine-tune pretrained weights (K400 from ImageNet-1k,
+    # SSv2 from K400), and from scratch they land far below the paper; refuse an empty init_from.
+    require_init: bool = False
 
 
 @dataclass(frozen=True)
 class OptimConfig:
-    lr_per_32: float = 1e-4  # scaled by global batch / 32
+    # Per 32 VIDEOS, as the official configs count (their batch is videos x NUM_SAMPLE clips):
+    # lr = lr_per_32_videos x (train.batch_size / data.repeated_aug) / 32.
+    lr_per_32_videos: float = 1e-4
     weight_decay: float = 0.05
     betas: tuple[float, float] = (0.9, 0.999)
     epochs: int = 110
@@ -86,7 +97,7 @@ class TrainConfig:
     num_workers: int = 2
     use_gpu: bool = False
     cpus_per_worker: float = 1.0
-    batch_size: int = 32  # global clips per optimizer step
+    batch_size: int = 32  # global clips per optimizer step (data.repeated_aug clips per video)
     precision: Literal["bf16", "fp16", "fp32"] = "bf16"
     seed: int = 0
     val_every_epochs: int = 1
@@ -116,6 +127,14 @@ class Config:
     train: TrainConfig = field(default_factory=TrainConfig)
     tracking: TrackingConfig = field(default_factory=TrackingConfig)
     storage: StorageConfig = field(default_factory=StorageConfig)
+
+    def base_lr(self) -> float:
+        """The peak learning rate: optim.lr_per_32_videos scaled by the global batch in videos.
+
+        The official recipes count videos (their batch is BATCH_SIZE videos x NUM_SAMPLE clips each):
+        repeated clips of one video add augmentation, not new samples, so they do not raise the rate.
+        """
+        return self.optim.lr_per_32_videos * (self.train.batch_size // self.data.repeated_aug) / 32
 
     def to_dict(self) -> dict[str, Any]:
         return dataclasses.asdict(self)
@@ -282,10 +301,18 @@ def validate(cfg: Config) -> Config:
     _check(all(s > 0 for s in d.std), "data.std", "must be positive", d.std)
     _check(d.decode_cpus > 0, "data.decode_cpus", "must be > 0", d.decode_cpus)
     _check(d.decode_concurrency >= 0, "data.decode_concurrency", "must be >= 0", d.decode_concurrency)
+    _check(0 <= d.random_erasing <= 1, "data.random_erasing", "must be a probability in [0, 1]", d.random_erasing)
+    if d.rand_augment:
+        try:
+            parse_rand_augment(d.rand_augment)
+        except ValueError as err:
+            raise ConfigError(f"data.rand_augment: {err}") from None
     _check(0 <= m.drop_path_rate < 1, "model.drop_path_rate", "must be in [0, 1)", m.drop_path_rate)
-    _check(o.lr_per_32 > 0, "optim.lr_per_32", "must be > 0", o.lr_per_32)
+    _check(bool(m.init_from) or not m.require_init, "model.init_from",
+           "is required by this recipe (model.require_init=true): pass model.init_from=URI of the pretrained "
+           "checkpoint named in the recipe's header, or model.require_init=false to train from scratch", m.init_from)
+    _check(o.lr_per_32_videos > 0, "optim.lr_per_32_videos", "must be > 0", o.lr_per_32_videos)
     _check(o.weight_decay >= 0, "optim.weight_decay", "must be >= 0", o.weight_decay)
-    _check(0 <= o.min_lr <= o.lr_per_32, "optim.min_lr", "must be in [0, optim.lr_per_32]", o.min_lr)
     _check(0 <= o.warmup_epochs < o.epochs, "optim.warmup_epochs", f"must be in [0, optim.epochs={o.epochs})",
            o.warmup_epochs)
     _check(all(0 <= b < 1 for b in o.betas), "optim.betas", "must be in [0, 1)", o.betas)
@@ -299,6 +326,12 @@ def validate(cfg: Config) -> Config:
     _check(t.max_failures >= -1, "train.max_failures", "must be >= -1 (-1 retries forever)", t.max_failures)
     _check(t.max_steps_per_epoch >= 0, "train.max_steps_per_epoch", "must be >= 0 (0 = whole split)",
            t.max_steps_per_epoch)
+    _check(t.batch_size % d.repeated_aug == 0, "train.batch_size",
+           f"counts clips and must hold whole videos: divisible by data.repeated_aug = {d.repeated_aug}",
+           t.batch_size)
+    _check(0 <= o.min_lr <= cfg.base_lr(), "optim.min_lr",
+           f"must be in [0, the scaled learning rate {cfg.base_lr():.4g}] (optim.lr_per_32_videos x "
+           f"{t.batch_size // d.repeated_aug} videos per step / 32)", o.min_lr)
     per_step = t.num_workers * o.grad_accum_steps
     _check(t.batch_size % per_step == 0, "train.batch_size",
            f"must be divisible by train.num_workers x optim.grad_accum_steps = {per_step}", t.batch_size)
@@ -380,7 +413,7 @@ def int_at_least(minimum: int):
 def add_config_args(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--config", help="YAML config file (infra/configs/...)")
     parser.add_argument("overrides", nargs="*", metavar="key=value",
-                        help="config overrides, e.g. optim.lr_per_32=2e-4 train.num_workers=2")
+                        help="config overrides, e.g. optim.lr_per_32_videos=2e-4 train.num_workers=2")
 
 
 def parse_job_args(parser: argparse.ArgumentParser, argv: list[str] | None,

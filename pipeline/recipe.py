@@ -1,4 +1,5 @@
-"""The training recipe's pieces (DESIGN.md §6): parameter groups, LR schedule, mixup/cutmix, EMA.
+"""The training recipe's pieces (DESIGN.md §6): parameter groups, LR schedule, random erasing,
+mixup/cutmix, EMA.
 
 Plain PyTorch functions, testable without Ray.
 """
@@ -15,8 +16,10 @@ from torch import nn
 
 
 def is_no_decay(name: str, param: nn.Parameter) -> bool:
-    """Biases, norm parameters and the dynamic position-embedding convs get no weight decay."""
-    return param.ndim <= 1 or ".pos_embed." in f".{name}"
+    """Biases and norm parameters (every 1-D parameter) get no weight decay, as in the official
+    optimizer (SOLVER.ZERO_WD_1D_PARAM). Its `no_weight_decay()` names ('pos_embed') are compared
+    with full module paths there and never match, so the position-embedding conv kernels decay."""
+    return param.ndim <= 1
 
 
 def param_groups(model: nn.Module, weight_decay: float) -> list[dict]:
@@ -25,10 +28,6 @@ def param_groups(model: nn.Module, weight_decay: float) -> list[dict]:
         if param.requires_grad:
             (no_decay if is_no_decay(name, param) else decay).append(param)
     return [{"params": decay, "weight_decay": weight_decay}, {"params": no_decay, "weight_decay": 0.0}]
-
-
-def scaled_lr(lr_per_32: float, global_batch: int) -> float:
-    return lr_per_32 * global_batch / 32
 
 
 def warmup_cosine(step: int, *, warmup_steps: int, total_steps: int, base_lr: float, min_lr: float) -> float:
@@ -89,6 +88,39 @@ def mix_batch(clips: torch.Tensor, labels: torch.Tensor, *, num_classes: int, mi
     else:
         clips = clips * lam + flipped * (1 - lam)
     return clips, targets * lam + targets[partners] * (1 - lam)
+
+
+def random_erase(clips: torch.Tensor, *, prob: float, rng: np.random.Generator,
+                 generator: torch.Generator | None = None) -> torch.Tensor:
+    """Random erasing as the official video recipe runs it (timm's RandomErasing, mode "pixel", one
+    box, "cube"): with probability `prob` per clip, a box of 2% to 1/3 of the frame, aspect ratio
+    0.3 to 3.3, at the same place in every frame, filled with N(0, 1) noise.
+
+    `clips` are normalised (B, C, T, H, W) on the device, where the official applies it: noise in
+    normalised units needs no clipping to [0, 255], and it spends idle accelerator time rather than
+    decode CPUs, the scarce resource (DESIGN.md §7). Call it before `mix_batch`, as the official
+    erases each clip before mixing. Boxes come from the host `rng` (no device sync), noise from
+    `generator` (the device's default generator, which the loop seeds, when None).
+    """
+    if prob == 0:
+        return clips
+    batch, channels, frames, height, width = clips.shape
+    log_aspect = (math.log(0.3), math.log(1 / 0.3))
+    out = clips
+    for index in range(batch):
+        if rng.random() > prob:
+            continue
+        for _ in range(100):  # the official's tries before giving up on this clip
+            area = rng.uniform(0.02, 1 / 3) * height * width
+            aspect = math.exp(rng.uniform(*log_aspect))
+            h, w = int(round(math.sqrt(area * aspect))), int(round(math.sqrt(area / aspect)))
+            if h < height and w < width:
+                top, left = int(rng.integers(0, height - h + 1)), int(rng.integers(0, width - w + 1))
+                out = out.clone() if out is clips else out
+                out[index, :, :, top:top + h, left:left + w] = torch.randn(
+                    (channels, frames, h, w), generator=generator, device=clips.device, dtype=clips.dtype)
+                break
+    return out
 
 
 def soft_cross_entropy(logits: torch.Tensor, targets: torch.Tensor) -> torch.Tensor:

@@ -167,7 +167,7 @@ def build_training_state(cfg: Config, device: torch.device, place: Callable[[tor
     model = place(net)
     net = model.module if isinstance(model, torch.nn.parallel.DistributedDataParallel) else model
     optimizer = torch.optim.AdamW(recipe.param_groups(net, cfg.optim.weight_decay),
-                                  lr=recipe.scaled_lr(cfg.optim.lr_per_32, cfg.train.batch_size),
+                                  lr=cfg.base_lr(),
                                   betas=cfg.optim.betas, fused=device.type == "cuda")
     scaler = torch.amp.GradScaler(device.type, enabled=cfg.train.precision == "fp16")
     ema = None
@@ -219,7 +219,7 @@ def train_loop_per_worker(loop_config: dict) -> None:
     ts = build_training_state(cfg, device, ray.train.torch.prepare_model, state)
     model, net, optimizer, scaler, ema = ts.model, ts.net, ts.optimizer, ts.scaler, ts.ema
     micro_batch = cfg.train.batch_size // (world * cfg.optim.grad_accum_steps)
-    base_lr = recipe.scaled_lr(cfg.optim.lr_per_32, cfg.train.batch_size)
+    base_lr = cfg.base_lr()
     epoch_steps = steps_per_epoch(cfg, train_rows.num_rows)
     total_steps = epoch_steps * cfg.optim.epochs
     warmup_steps = int(epoch_steps * cfg.optim.warmup_epochs)
@@ -239,6 +239,7 @@ def train_loop_per_worker(loop_config: dict) -> None:
             # Every random draw derives from (seed, rank, epoch): a resumed run repeats an uninterrupted one.
             torch.manual_seed(cfg.train.seed * 100_003 + epoch * 1_009 + rank)
             mix_rng = np.random.default_rng([cfg.train.seed, rank, epoch])
+            erase_rng = np.random.default_rng([cfg.train.seed, rank, epoch, 1])  # mixup's draws stay as they were
             if loop_config.get("data_source") == "memory":
                 batches = memory_batches(cfg, micro_batch, seed=cfg.train.seed + rank, pin=pin)
             else:
@@ -266,6 +267,7 @@ def train_loop_per_worker(loop_config: dict) -> None:
                     valid = valid_host.to(device, non_blocking=True)
                     clips = normalize_on_device(batch["clip"].to(device, non_blocking=True),
                                                 cfg.data.mean, cfg.data.std)
+                    clips = recipe.random_erase(clips, prob=cfg.data.random_erasing, rng=erase_rng)
                     labels = batch["label"].to(device, non_blocking=True)
                     clips, targets = recipe.mix_batch(
                         clips, labels, num_classes=cfg.model.num_classes, mixup_alpha=cfg.optim.mixup_alpha,

@@ -1,9 +1,9 @@
 """Spatial transforms of uint8 clips `(T, H, W, C)`, the same for every frame of a clip.
 
-Training: `random_resized_crop` (+ `hflip` at random). Evaluation: `short_side_resize`, then
-`center_crop` or `three_crops`. Clips stay uint8 in the data pipeline (4x less to move than
-float32); `normalize_on_device` turns a batch into the model's float `(B, C, T, H, W)` on the
-training device.
+Training: RandAugment if asked (`pipeline.rand_augment`), `random_resized_crop` (+ `hflip` at
+random). Evaluation: `short_side_resize`, then `center_crop` or `three_crops`. Clips stay uint8
+in the data pipeline (4x less to move than float32); `normalize_on_device` turns a batch into
+the model's float `(B, C, T, H, W)` on the training device.
 
 Resizing runs torch's uint8 bilinear kernel on channels-last memory (antialiased when
 shrinking, like PIL), measured 3-5x faster than the same resize in float32 on one core.
@@ -17,6 +17,8 @@ from typing import Sequence
 import numpy as np
 import torch
 import torch.nn.functional as F
+
+from pipeline.rand_augment import RandAugmentSpec, rand_augment
 
 
 def _check_clip(clip: np.ndarray) -> None:
@@ -84,8 +86,14 @@ def hflip(clip: np.ndarray) -> np.ndarray:
 
 
 def train_augment(clip: np.ndarray, *, size: int, scale: Sequence[float], ratio: Sequence[float], flip: bool,
-                  rng: np.random.Generator) -> np.ndarray:
-    """RandomResizedCrop, then a horizontal flip with probability 1/2 if `flip`."""
+                  rng: np.random.Generator, augment: RandAugmentSpec | None = None) -> np.ndarray:
+    """RandAugment (if `augment`), RandomResizedCrop, then a horizontal flip with probability 1/2 if `flip`.
+
+    RandAugment comes first, on the whole frames, as in the official loaders: its translations are
+    fractions of the frame and its histogram ops see the whole frame.
+    """
+    if augment is not None:
+        clip = rand_augment(clip, augment, rng=rng)
     out = random_resized_crop(clip, size=size, scale=scale, ratio=ratio, rng=rng)
     if flip and rng.random() < 0.5:
         out = hflip(out)

@@ -1,5 +1,7 @@
 """Clip rows in plain Python and as a Ray Dataset, from a tiny synthetic manifest."""
 
+import dataclasses
+
 import numpy as np
 import pyarrow as pa
 import pytest
@@ -50,6 +52,19 @@ def test_make_clip_rows_training(manifest):
     np.testing.assert_array_equal(rows[1]["clip"], again[1]["clip"])  # reproducible
     other_epoch = make_clip_rows(_row(manifest, 0), data=DATA, storage=STORAGE, training=True, seed=0, epoch=1)
     assert not np.array_equal(rows[0]["clip"], other_epoch[0]["clip"])  # new clips each epoch
+
+
+def test_make_clip_rows_rand_augment_is_training_only_and_seeded(manifest):
+    augmented = dataclasses.replace(DATA, rand_augment="rand-m9-n4")
+    plain = make_clip_rows(_row(manifest, 0), data=DATA, storage=STORAGE, training=True, seed=0, epoch=0)
+    rows = make_clip_rows(_row(manifest, 0), data=augmented, storage=STORAGE, training=True, seed=0, epoch=0)
+    again = make_clip_rows(_row(manifest, 0), data=augmented, storage=STORAGE, training=True, seed=0, epoch=0)
+    assert all(np.array_equal(a["clip"], b["clip"]) for a, b in zip(rows, again))
+    assert any(not np.array_equal(a["clip"], b["clip"]) for a, b in zip(rows, plain))
+    val_id = manifest["split"].to_pylist().index("val")
+    for a, b in zip(make_clip_rows(_row(manifest, val_id), data=augmented, storage=STORAGE, training=False, seed=0),
+                    make_clip_rows(_row(manifest, val_id), data=DATA, storage=STORAGE, training=False, seed=0)):
+        np.testing.assert_array_equal(a["clip"], b["clip"])
 
 
 def test_make_clip_rows_evaluation_views(manifest):

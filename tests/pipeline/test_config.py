@@ -5,22 +5,23 @@ from pipeline.config import Config, ConfigError, config_from_dict, load_config
 
 def test_defaults_are_the_k400_recipe():
     cfg = load_config()
-    assert (cfg.data.num_frames, cfg.data.sampling_rate, cfg.optim.lr_per_32) == (16, 4, 1e-4)
+    assert (cfg.data.num_frames, cfg.data.sampling_rate, cfg.optim.lr_per_32_videos) == (16, 4, 1e-4)
     assert cfg.optim.weight_decay == 0.05 and cfg.optim.clip_grad_norm == 20.0
 
 
 def test_overrides_are_typed():
-    cfg = load_config(None, ["optim.lr_per_32=2e-4", "data.scale=[0.2, 1]", "data.hflip=false",
+    cfg = load_config(None, ["optim.lr_per_32_videos=2e-4", "data.scale=[0.2, 1]", "data.hflip=false",
                              "train.num_workers=4", "train.batch_size=8"])
-    assert cfg.optim.lr_per_32 == 2e-4 and cfg.data.scale == (0.2, 1.0) and cfg.data.hflip is False
+    assert cfg.optim.lr_per_32_videos == 2e-4 and cfg.data.scale == (0.2, 1.0) and cfg.data.hflip is False
     assert cfg.train.num_workers == 4
 
 
 def test_yaml_then_overrides(tmp_path):
     path = tmp_path / "c.yaml"
-    path.write_text("optim:\n  lr_per_32: 3e-4\n  epochs: 5\n  warmup_epochs: 1\nmodel:\n  variant: uniformer_xs\n")
+    path.write_text("optim:\n  lr_per_32_videos: 3e-4\n  epochs: 5\n  warmup_epochs: 1\n"
+                    "model:\n  variant: uniformer_xs\n")
     cfg = load_config(path, ["optim.epochs=7"])
-    assert (cfg.optim.lr_per_32, cfg.optim.epochs, cfg.model.variant) == (3e-4, 7, "uniformer_xs")
+    assert (cfg.optim.lr_per_32_videos, cfg.optim.epochs, cfg.model.variant) == (3e-4, 7, "uniformer_xs")
 
 
 def test_round_trip_through_dict_and_yaml(tmp_path):
@@ -32,10 +33,15 @@ def test_round_trip_through_dict_and_yaml(tmp_path):
 
 
 @pytest.mark.parametrize("override, message", [
-    ("optim.lr=1", r"unknown config key optim\.lr; known keys in optim: .*lr_per_32"),
+    ("optim.lr=1", r"unknown config key optim\.lr; known keys in optim: .*lr_per_32_videos"),
     ("bogus.x=1", r"unknown config key bogus"),
-    ("optim.lr_per_32=-1", r"optim\.lr_per_32 must be > 0, got -1"),
+    ("optim.lr_per_32_videos=-1", r"optim\.lr_per_32_videos must be > 0, got -1"),
     ("train.batch_size=3", r"train\.batch_size must be divisible by train\.num_workers"),
+    ("data.repeated_aug=3", r"train\.batch_size counts clips and must hold whole videos: divisible by "
+     r"data\.repeated_aug = 3, got 32"),
+    ("model.require_init=true", r"model\.init_from is required by this recipe \(model\.require_init=true\)"),
+    ("data.random_erasing=1.5", r"data\.random_erasing must be a probability in \[0, 1\], got 1\.5"),
+    ("data.rand_augment=rand-x1", r"data\.rand_augment: 'rand-x1': bad or repeated part 'x1'"),
     ("train.precision=fp8", r"train\.precision: 'fp8' is not one of 'bf16', 'fp16', 'fp32'"),
     ("data.hflip=1", r"data\.hflip: expected true or false, got '1'"),
     ("data.num_frames=7", r"data\.num_frames must be even"),
@@ -112,3 +118,10 @@ def test_checkpoint_order_follows_the_metric(metric, order):
     from pipeline.config import checkpoint_order
 
     assert checkpoint_order(load_config(None, [f"train.checkpoint_metric={metric}"]).train.checkpoint_metric) == order
+
+
+def test_min_lr_is_checked_against_the_scaled_learning_rate():
+    # 1e-4 per 32 videos at 8 videos per step is 2.5e-5: a min_lr of 5e-5 would make the cosine rise.
+    with pytest.raises(ConfigError, match=r"optim\.min_lr must be in \[0, the scaled learning rate 2\.5e-05\]"):
+        load_config(None, ["train.batch_size=8", "optim.min_lr=5e-5", "train.num_workers=1"])
+    assert load_config(None, ["train.batch_size=8", "optim.min_lr=2e-5", "train.num_workers=1"]).base_lr() == 2.5e-5

@@ -102,8 +102,8 @@ def test_resume_continues_at_the_right_step_and_seed_fixes_the_first_loss(tmp_pa
 
 @pytest.mark.parametrize("override, message", [
     ("optim.bogus=1", "unknown config key optim.bogus"),
-    ("optim.lr_per_32=-1", "optim.lr_per_32 must be > 0"),
-    ("train.batch_size=15", "train.batch_size must be divisible by train.num_workers"),
+    ("optim.lr_per_32_videos=-1", "optim.lr_per_32_videos must be > 0"),
+    ("train.batch_size=15", "train.batch_size counts clips and must hold whole videos"),
     ("data.manifest=/nonexistent/prepared", "/nonexistent/prepared"),
 ])
 def test_bad_config_fails_before_any_ray_work(tmp_path, override, message):
