@@ -151,12 +151,13 @@ class LocalMlflowServer:
 def run_outage_bench(cfg: Config, *, outage_s: float, manifest_uri: str = "", steps: int = 40,
                      videos_per_class: int = 16, work_dir: str = "work/bench_train",
                      progress: Callable[[str], None] = print) -> dict[str, Any]:
-    """One training on the stream, logging every step to a local server stopped for `outage_s`."""
+    """One training of `steps` steps on the stream (as many epochs as that takes), logging every
+    step to a local server that is stopped for `outage_s` after a quarter of the steps."""
     from mlflow.tracking import MlflowClient
 
     from pipeline import tracking
     from pipeline.raycluster import init_ray
-    from pipeline.train import checked_manifest, make_trainer, with_absolute_inputs
+    from pipeline.train import checked_manifest, make_trainer, split_rows, steps_per_epoch, with_absolute_inputs
 
     if not manifest_uri:
         manifest_uri = synth_manifest(work_dir, classes=cfg.model.num_classes, videos_per_class=videos_per_class,
@@ -164,13 +165,17 @@ def run_outage_bench(cfg: Config, *, outage_s: float, manifest_uri: str = "", st
     stamp = time.strftime("%Y%m%d-%H%M%S")
     server = LocalMlflowServer(Path(work_dir).resolve() / f"mlflow-{stamp}")
     cfg = with_absolute_inputs(dataclasses.replace(
-        cfg,
-        data=dataclasses.replace(cfg.data, manifest=manifest_uri),
-        optim=dataclasses.replace(cfg.optim, epochs=1),
-        train=dataclasses.replace(cfg.train, max_steps_per_epoch=steps, max_failures=0, run_name=f"bench-outage-{stamp}",
+        cfg, data=dataclasses.replace(cfg.data, manifest=manifest_uri),
+        train=dataclasses.replace(cfg.train, max_steps_per_epoch=0, max_failures=0, run_name=f"bench-outage-{stamp}",
                                   storage_path=str(Path(work_dir) / "ray_results")),
         tracking=dataclasses.replace(cfg.tracking, tracking_uri=server.url, system_metrics=False, log_every_steps=1)))
     manifest = checked_manifest(cfg)
+    epoch_steps = min(steps, steps_per_epoch(cfg, split_rows(manifest, cfg.data.train_split).num_rows))
+    epochs = -(-steps // epoch_steps)
+    cfg = dataclasses.replace(cfg, optim=dataclasses.replace(cfg.optim, epochs=epochs, warmup_epochs=0),
+                              train=dataclasses.replace(cfg.train, max_steps_per_epoch=epoch_steps,
+                                                        val_every_epochs=epochs))
+    steps = epochs * epoch_steps
     server.start()
     started = init_ray()
     outage: dict[str, float] = {}

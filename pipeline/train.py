@@ -166,8 +166,7 @@ def build_training_state(cfg: Config, device: torch.device, place: Callable[[tor
         log.info(f"init from {cfg.model.init_from}: {load_pretrained(net, cfg.model.init_from)}")
     model = place(net)
     net = model.module if isinstance(model, torch.nn.parallel.DistributedDataParallel) else model
-    optimizer = torch.optim.AdamW(recipe.param_groups(net, cfg.optim.weight_decay),
-                                  lr=cfg.base_lr(),
+    optimizer = torch.optim.AdamW(recipe.param_groups(net, cfg.optim.weight_decay), lr=cfg.base_lr(),
                                   betas=cfg.optim.betas, fused=device.type == "cuda")
     scaler = torch.amp.GradScaler(device.type, enabled=cfg.train.precision == "fp16")
     ema = None
@@ -296,9 +295,9 @@ def train_loop_per_worker(loop_config: dict) -> None:
                     interval_s = time.perf_counter() - interval_t0
                     train_loss = loss_sum / max(micro_steps, 1)
                     if metric_queue:
-                        metric_queue.log({"train_loss": train_loss, "lr": lr, "clips_per_s": interval_clips / interval_s,
-                                          "data_wait_fraction": interval_wait_s / interval_s,
-                                          "skipped_clips": skipped, "epoch": epoch}, step)
+                        metric_queue.log({"train_loss": train_loss, "lr": lr, "epoch": epoch, "skipped_clips": skipped,
+                                          "clips_per_s": interval_clips / interval_s,
+                                          "data_wait_fraction": interval_wait_s / interval_s}, step)
                     epoch_wait_s += interval_wait_s
                     epoch_clips += interval_clips
                     sums.zero_()
