@@ -4,18 +4,16 @@ state back on the device), and an fp16 run with the grad scaler."""
 
 import json
 import os
-import signal
 import subprocess
 import sys
 import threading
-import time
 from pathlib import Path
 
-import psutil
 import pytest
 
 from pipeline.prepare import PrepareOptions, prepare
 from pipeline.synth import synth_dataset
+from tests.pipeline.test_train import kill_one_worker_after_first_checkpoint
 
 ROOT = Path(__file__).resolve().parents[2]
 DEMO = ROOT / "infra" / "configs" / "demo.yaml"
@@ -43,20 +41,9 @@ def run_train(tmp_path: Path, *overrides: str) -> tuple[dict, str]:
     return json.loads(proc.stdout.strip().splitlines()[-1]), proc.stdout + proc.stderr
 
 
-def kill_worker_after_first_checkpoint(run_dir: Path, killed: list) -> None:
-    deadline = time.monotonic() + 300
-    while time.monotonic() < deadline and not any(run_dir.glob("checkpoint_*")):
-        time.sleep(0.2)
-    for proc in psutil.process_iter(["pid", "cmdline"]):
-        if any("RayTrainWorker" in part for part in proc.info["cmdline"] or []):
-            os.kill(proc.info["pid"], signal.SIGKILL)
-            killed.append(proc.info["pid"])
-            return
-
-
 def test_bf16_fused_adamw_ema_run_recovers_from_a_killed_worker_on_the_gpu(tmp_path, motion_set):
     killed: list[int] = []
-    killer = threading.Thread(target=kill_worker_after_first_checkpoint,
+    killer = threading.Thread(target=kill_one_worker_after_first_checkpoint,
                               args=(tmp_path / "ray_results" / "gpu_recover", killed), daemon=True)
     killer.start()
     summary, log = run_train(tmp_path, f"data.manifest={motion_set}", "train.run_name=gpu_recover",
