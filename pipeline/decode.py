@@ -21,10 +21,11 @@ import bisect
 import io
 import os
 from dataclasses import dataclass
-from typing import BinaryIO, Sequence, Union
+from typing import BinaryIO, Callable, Sequence, Union
 
 import av
 import numpy as np
+from av.video.reformatter import VideoReformatter
 
 Source = Union[str, os.PathLike, bytes, bytearray, memoryview, BinaryIO]
 Size = Union[int, tuple[int, int], None]
@@ -118,21 +119,17 @@ def count_frames(src: Source) -> int:
         return video.num_frames
 
 
-def _output_size(frame, size: Size) -> tuple[int, int] | None:
-    """(height, width) to convert to, or None for the frame's own size."""
+def _output_size(height: int, width: int, size: Size) -> tuple[int, int]:
+    """(height, width) to convert a `height` x `width` picture to."""
     if size is None:
-        return None
+        return height, width
     if isinstance(size, (int, np.integer)):
-        height, width = frame.height, frame.width
         scale = int(size) / min(height, width)
         return max(1, round(height * scale)), max(1, round(width * scale))
     return int(size[0]), int(size[1])
 
 
-def _to_rgb(frame, out_hw: tuple[int, int] | None) -> np.ndarray:
-    if out_hw is None or out_hw == (frame.height, frame.width):
-        return frame.to_ndarray(format="rgb24")
-    return frame.to_ndarray(format="rgb24", width=out_hw[1], height=out_hw[0])
+Convert = Callable[[av.VideoFrame], np.ndarray]
 
 
 def _check_size(size: Size) -> None:
@@ -146,7 +143,7 @@ def _check_size(size: Size) -> None:
         raise ValueError(f"size={size!r}: use None, a short side (int) or (height, width) >= 1")
 
 
-def _decode_sequential(container, stream, wanted: set[int], size: Size) -> tuple[dict[int, np.ndarray], int]:
+def _decode_sequential(container, stream, wanted: set[int], convert: Convert) -> tuple[dict[int, np.ndarray], int]:
     """Decode from the start counting frames, which is the definition of a frame's index.
 
     Returns the wanted frames found and the index of the last frame decoded; when the stream
@@ -158,17 +155,17 @@ def _decode_sequential(container, stream, wanted: set[int], size: Size) -> tuple
     for i, frame in enumerate(container.decode(stream)):
         last = frame
         if i in wanted:
-            out[i] = _to_rgb(frame, _output_size(frame, size))
+            out[i] = convert(frame)
             if i == last_needed:
                 return out, i
     if last is None:
         raise DecodeError("the video stream has no decodable frames")
-    out[i] = _to_rgb(last, _output_size(last, size))
+    out[i] = convert(last)
     return out, i
 
 
 def _decode_seeking(container, stream, table: FrameTable, wanted: list[int],
-                    size: Size) -> dict[int, np.ndarray] | None:
+                    convert: Convert) -> dict[int, np.ndarray] | None:
     """Seek-decode the sorted, in-range `wanted` indices; None if the stream defeats seeking."""
     index_of = {int(p): i for i, p in enumerate(table.pts)}
     want = set(wanted)
@@ -191,7 +188,7 @@ def _decode_seeking(container, stream, table: FrameTable, wanted: list[int],
                 return None  # landed past the frame, or the decoder dropped it
             position = max(position, i)
             if i in want and i not in out:
-                out[i] = _to_rgb(frame, _output_size(frame, size))
+                out[i] = convert(frame)
             while w < len(wanted) and wanted[w] in out:
                 w += 1
             if w == len(wanted):
@@ -235,6 +232,9 @@ class VideoDecoder:
             raise
         self.height = self._stream.codec_context.height
         self.width = self._stream.codec_context.width
+        # One reformatter, one thread: PyAV's default builds a reformatter per frame, each with an
+        # automatic pool of one thread per core; a pool of decode processes wants one thread each.
+        self._reformatter = VideoReformatter()
         self._seekable = self.table.reliable
         self._num_frames = self.table.num_frames if self.table.reliable else None
 
@@ -258,7 +258,7 @@ class VideoDecoder:
             clamped = np.minimum(idx, self.table.num_frames - 1)
             try:
                 frames = _decode_seeking(self._container, self._stream, self.table, sorted(set(clamped.tolist())),
-                                         size)
+                                         lambda frame: self._to_rgb(frame, size))
             except av.FFmpegError as err:
                 raise DecodeError(f"cannot decode {_describe(self._src)}: {err}") from None
             if frames is not None:
@@ -267,13 +267,19 @@ class VideoDecoder:
         frames, last_index = self._decode_sequential(set(idx.tolist()), size)
         return np.stack([frames[min(i, last_index)] for i in idx.tolist()])
 
+    def _to_rgb(self, frame: av.VideoFrame, size: Size) -> np.ndarray:
+        height, width = _output_size(frame.height, frame.width, size)
+        return self._reformatter.reformat(frame, width=width, height=height, format="rgb24",
+                                          threads=1).to_ndarray()
+
     def _decode_sequential(self, wanted: set[int], size: Size) -> tuple[dict[int, np.ndarray], int]:
         # A fresh container: seeking back to the start is exactly what this stream may not support.
         if hasattr(self._src, "seek"):
             self._src.seek(0)
         with _open(self._src) as container:
             try:
-                return _decode_sequential(container, _video_stream(container, self._src), wanted, size)
+                return _decode_sequential(container, _video_stream(container, self._src), wanted,
+                                          lambda frame: self._to_rgb(frame, size))
             except av.FFmpegError as err:
                 raise DecodeError(f"cannot decode {_describe(self._src)}: {err}") from None
 

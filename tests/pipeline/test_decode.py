@@ -1,6 +1,7 @@
 """Seek-decoding must return exactly what a full sequential decode yields at the same indices."""
 
 import io
+import os
 
 import av
 import numpy as np
@@ -220,3 +221,33 @@ def test_broken_videos_raise_decode_error_or_decode(tmp_path, kind):
 def test_bad_arguments(indices, size, match):
     with pytest.raises(ValueError, match=match):
         decode_frames(STREAMS["no_bframes_gop10"](), indices, size=size)
+
+
+def _threads() -> int:
+    return len(os.listdir("/proc/self/task"))
+
+
+def test_one_thread_and_one_reformatter_per_decode(monkeypatch):
+    """PyAV converts with a pool of one thread per core unless told otherwise: a decode task stays
+    on its own thread, and its one reformatter serves every frame of the video."""
+    made, threads_after_conversion = [], []
+    real = decode.VideoReformatter
+
+    class CountingReformatter:
+        def __init__(self):
+            self._real = real()
+            made.append(self)
+
+        def reformat(self, *args, **kwargs):
+            out = self._real.reformat(*args, **kwargs)
+            threads_after_conversion.append(_threads())  # a pool lives as long as its reformatter
+            return out
+
+    monkeypatch.setattr(decode, "VideoReformatter", CountingReformatter)
+    data = encode_h264(_frames(num_frames=20, seed=1), gop=8)
+    before = _threads()
+    with VideoDecoder(data) as video:
+        video.decode([1, 12, 19])
+        video.decode([3], size=24)
+    assert len(made) == 1 and len(threads_after_conversion) == 4
+    assert max(threads_after_conversion) == before
