@@ -66,7 +66,15 @@ def _open(src: Source) -> av.container.InputContainer:
             target = os.fspath(src)
         else:
             target = src
-        return av.open(target, mode="r", stream_options=_PROBE_OPTIONS)
+        try:
+            return av.open(target, mode="r", stream_options=_PROBE_OPTIONS)
+        except ValueError as err:
+            # MPEG-PS and FLV find their streams only while probing, so they refuse per-stream options.
+            if "stream_options" not in str(err):
+                raise
+            if hasattr(target, "seek"):
+                target.seek(0)
+            return av.open(target, mode="r")
     except (av.FFmpegError, OSError, ValueError) as err:
         raise DecodeError(f"cannot open video {_describe(src)}: {err}") from None
 

@@ -142,6 +142,7 @@ def probe_video(src: Source, *, min_frames: int = DEFAULT_MIN_FRAMES, min_side: 
         gaps = [b - a for a, b in zip(keyframes, keyframes[1:] + [count])]
         info["keyframe_interval"] = max(gaps) if gaps else count
         tb = stream.time_base or Fraction(1, 1)
+        end_s = 0.0  # where the last frame ends, counted from timestamp 0
         if len(pts) >= 2:
             ordered = sorted(pts)
             deltas = [b - a for a, b in zip(ordered, ordered[1:]) if b > a]
@@ -149,6 +150,7 @@ def probe_video(src: Source, *, min_frames: int = DEFAULT_MIN_FRAMES, min_side: 
             info["vfr"] = bool(deltas) and max(deltas) > 1.5 * step
             mean_delta = (ordered[-1] - ordered[0]) / max(1, len(ordered) - 1)
             info["duration_s"] = float((ordered[-1] - ordered[0] + mean_delta) * tb)
+            end_s = float((ordered[-1] + mean_delta) * tb)
         elif container.duration:
             info["duration_s"] = container.duration / av.time_base
         rate = stream.average_rate or stream.guessed_rate
@@ -164,8 +166,11 @@ def probe_video(src: Source, *, min_frames: int = DEFAULT_MIN_FRAMES, min_side: 
                 declared_s = container.duration / av.time_base
             else:
                 declared_s = 0.0
+            # FLV declares the end time of its last frame, which B-frames put after the first
+            # frame's delay: a complete file covers its declared duration one way or the other.
+            covered_s = max(info["duration_s"], end_s)
             period = 1 / info["fps"] if info["fps"] else 0.0
-            if declared_s and declared_s - info["duration_s"] > 1.5 * period + 0.01:
+            if declared_s and declared_s - covered_s > 1.5 * period + 0.01:
                 return bad("unreadable", f"truncated: the container declares {declared_s:.2f} s, "
                                          f"the frames cover {info['duration_s']:.2f} s")
 

@@ -251,3 +251,12 @@ def test_one_thread_and_one_reformatter_per_decode(monkeypatch):
         video.decode([3], size=24)
     assert len(made) == 1 and len(threads_after_conversion) == 4
     assert max(threads_after_conversion) == before
+
+
+@pytest.mark.parametrize("kind", ["mpeg_ps", "flv1", "h264_flv"])
+def test_formats_that_refuse_stream_options_open_from_any_source(tmp_path, kind):
+    """MPEG-PS and FLV are opened again without the probe's per-stream options, from the start."""
+    path = write_kind(tmp_path, kind)
+    reference, _ = decode_all(path)
+    for src in (path, path.read_bytes(), io.BytesIO(path.read_bytes()), open(path, "rb")):
+        np.testing.assert_array_equal(decode_frames(src, [0, 9, 3]), reference[[0, 9, 3]])

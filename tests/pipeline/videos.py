@@ -157,6 +157,13 @@ KINDS: dict[str, tuple[str, str, Callable[[Path], Path]]] = {
                         lambda p: write_truncated(p, make_frames(40), faststart=False)),
     "truncated_webm": ("truncated_webm.webm", "unreadable",
                        lambda p: write_truncated(p, make_frames(40), faststart=False, codec="libvpx")),
+    "mpeg_ps": ("mpeg_ps.mpg", "ok",
+                lambda p: write_video(p, make_frames(24, seed=5), codec="mpeg2video", container_format="mpeg")),
+    "flv1": ("flv1.flv", "ok", lambda p: write_video(p, make_frames(24, seed=6), codec="flv", container_format="flv")),
+    # B-frames delay the first frame: the FLV's duration counts from 0, not from that frame.
+    "h264_flv": ("h264.flv", "ok", lambda p: write_video(p, make_frames(40, seed=7), container_format="flv")),
+    "truncated_flv": ("truncated_flv.flv", "unreadable",
+                      lambda p: write_truncated(p, make_frames(40), faststart=False, container_format="flv")),
     "empty": ("empty.mp4", "empty", write_empty),
     "not_video": ("not_video.mp4", "unreadable", write_not_video),
     "audio_only": ("audio_only.mp4", "no_video_stream", write_audio_only),
