@@ -7,8 +7,9 @@ pictures so that truncated files are noticed, not only broken headers.
 
 `transcode_video` writes H.264 yuv420p in MP4 (index at the front, for range reads) with even
 dimensions, an optional smaller short side, every `frame_stride`-th frame of the original,
-a keyframe every `keyframe_interval` frames, no B-frames, and explicit increasing timestamps
-(frames written without them all get pts 0 and break seeking).
+a keyframe every `keyframe_interval` frames, no B-frames, explicit increasing timestamps
+(frames written without them all get pts 0 and break seeking), and the source's colour
+description (matrix, range, primaries, transfer), so that the copy decodes to the same RGB.
 """
 
 from __future__ import annotations
@@ -21,6 +22,7 @@ from typing import IO, Union
 
 import av
 from av.video.frame import PictureType
+from av.video.reformatter import VideoReformatter
 
 Source = Union[str, Path, bytes, bytearray, memoryview, IO[bytes]]
 
@@ -201,6 +203,23 @@ def output_size(width: int, height: int, short_side: int | None) -> tuple[int, i
     return w, h
 
 
+def _h264_stream(out, image, rate: Fraction, *, keyframe_interval: int, crf: int, preset: str, threads: int):
+    """An H.264 stream for frames like `image`, tagged with its colour description: without one a
+    decoder assumes BT.601 limited range, several levels off for a BT.709 or full-range source."""
+    stream = out.add_stream("libx264", rate=rate)
+    stream.width, stream.height, stream.pix_fmt = image.width, image.height, "yuv420p"
+    context = stream.codec_context
+    context.time_base = Fraction(rate.denominator, rate.numerator)
+    context.gop_size = keyframe_interval
+    context.max_b_frames = 0
+    context.thread_count = threads
+    for tag in ("colorspace", "color_range", "color_primaries", "color_trc"):
+        setattr(context, tag, getattr(image, tag))
+    stream.options = {"crf": str(crf), "preset": preset,
+                      "x264-params": f"keyint={keyframe_interval}:min-keyint={keyframe_interval}:scenecut=0:bframes=0"}
+    return stream
+
+
 def transcode_video(src: Source, dst_local_path: str | Path, *, short_side: int | None = None,
                     frame_stride: int = 1, keyframe_interval: int = 16, crf: int = 23,
                     preset: str = "veryfast", threads: int = 0) -> dict:
@@ -234,24 +253,20 @@ def transcode_video(src: Source, dst_local_path: str | Path, *, short_side: int 
             time_base = Fraction(rate.denominator, rate.numerator)
             with av.open(str(dst), "w", format="mp4", options={"movflags": "+faststart"}) as out:
                 stream = None
+                reformatter = VideoReformatter()
                 for frame in container.decode(in_stream):
                     decoded += 1
                     if (decoded - 1) % frame_stride:
                         continue
                     if stream is None:
                         width, height = output_size(frame.width, frame.height, short_side)
-                        stream = out.add_stream("libx264", rate=rate)
-                        stream.width, stream.height, stream.pix_fmt = width, height, "yuv420p"
-                        stream.codec_context.time_base = time_base
-                        stream.codec_context.gop_size = keyframe_interval
-                        stream.codec_context.max_b_frames = 0
-                        stream.codec_context.thread_count = threads
-                        stream.options = {
-                            "crf": str(crf), "preset": preset,
-                            "x264-params": f"keyint={keyframe_interval}:min-keyint={keyframe_interval}"
-                                           ":scenecut=0:bframes=0"}
-                    image = frame.reformat(width=width, height=height, format="yuv420p",
-                                           interpolation="AREA")
+                        # YUV keeps its own matrix and range; RGB has none to keep, so it gets BT.709.
+                        colour = {"dst_colorspace": "ITU709", "dst_color_range": "MPEG"} if frame.format.is_rgb else {}
+                    image = reformatter.reformat(frame, width=width, height=height, format="yuv420p",
+                                                 interpolation="AREA", threads=threads, **colour)
+                    if stream is None:
+                        stream = _h264_stream(out, image, rate, keyframe_interval=keyframe_interval, crf=crf,
+                                              preset=preset, threads=threads)
                     image.pts = written
                     image.time_base = time_base
                     # libx264 obeys the decoder's I/P/B picture types when set; let it choose.

@@ -7,7 +7,8 @@ import numpy as np
 import pytest
 
 from pipeline.video import TranscodeError, output_size, probe_video, transcode_video
-from tests.pipeline.videos import KINDS, decode_all, make_frames, write_kind, write_video
+from pipeline.decode import decode_frames
+from tests.pipeline.videos import COLOURS, KINDS, decode_all, make_frames, write_kind, write_video
 
 
 @pytest.fixture(scope="module")
@@ -88,6 +89,34 @@ def test_transcode_handles_awkward_inputs(kinds, tmp_path, kind):
     assert not info["vfr"]
     _, pts = decode_all(tmp_path / "out.mp4")
     assert all(b > a for a, b in zip(pts, pts[1:]))
+
+
+def _colour_tags(path) -> tuple[int, int, int, int]:
+    with av.open(str(path)) as container:
+        frame = next(container.decode(video=0))
+        return frame.colorspace, frame.color_range, frame.color_primaries, frame.color_trc
+
+
+@pytest.mark.parametrize("colour", sorted(COLOURS))
+def test_transcode_keeps_the_colour_description(tmp_path, colour):
+    """A BT.709 or full-range source decodes to its own RGB, and so does its prepared copy."""
+    rgb = make_frames(12, 48, 64, speed_px=0, cell=16)  # flat squares: little chroma subsampling loss
+    src = write_video(tmp_path / "src.mp4", rgb, colour=colour)
+    transcode_video(src, tmp_path / "copy.mp4", crf=12)
+    assert _colour_tags(tmp_path / "copy.mp4") == _colour_tags(src) == COLOURS[colour][2]
+    indices = list(range(12))
+    error = {name: np.abs(decode_frames(path, indices).astype(int) - rgb).mean()
+             for name, path in (("original", src), ("copy", tmp_path / "copy.mp4"))}
+    assert error["original"] < 3, error  # decoded with the tagged matrix and range
+    assert error["copy"] < error["original"] + 1, error
+
+
+def test_transcode_gives_an_rgb_source_a_colour_description(tmp_path):
+    rgb = make_frames(12, 48, 64, speed_px=0, cell=16)
+    src = write_video(tmp_path / "src.mkv", rgb, codec="libx264rgb", pix_fmt="rgb24")
+    transcode_video(src, tmp_path / "copy.mp4", crf=12)
+    assert _colour_tags(tmp_path / "copy.mp4")[:2] == (1, 1)  # BT.709, limited range
+    assert np.abs(decode_frames(tmp_path / "copy.mp4", range(12)).astype(int) - rgb).mean() < 3
 
 
 @pytest.mark.parametrize("kind", ["not_video", "audio_only", "truncated_index"])
