@@ -13,6 +13,12 @@ slower: we decode through, and do not seek to that keyframe again. If the stream
 assumptions (missing or repeated timestamps, a seek that lands past the wanted frame, a frame
 the decoder drops), we fall back to one sequential decode that counts frames, which is the
 definition.
+
+Frames come out as they are shown (`display_of`): a stream's display matrix (the rotation tag of
+phone videos, and mirroring) is applied, and non-square pixels (a sample aspect ratio other than
+1) are stretched to square by scaling the width while converting to RGB. Prepared copies
+(`pipeline.video.transcode_video`) store that picture with square pixels and no tag, so a copy
+and its original decode to the same frames, and training on copies matches `predict` on originals.
 """
 
 from __future__ import annotations
@@ -21,6 +27,7 @@ import bisect
 import io
 import os
 from dataclasses import dataclass
+from fractions import Fraction
 from typing import BinaryIO, Callable, Sequence, Union
 
 import av
@@ -53,9 +60,10 @@ class FrameTable:
 
 # Options for the codec that avformat_find_stream_info opens to probe each stream: by default it
 # decodes several frames (an H.264 I-frame plus its decode-delay guess), as much as a third of
-# a 16-frame clip from a 320x240 copy (4.7 ms to open; 0.3 ms with this, measured). Skipping the
-# probe's non-key frames leaves the decoder we use untouched; tests compare against a plain open.
-_PROBE_OPTIONS = [{"skip_frame": "nonkey"}] * 8  # per stream, in order; extra entries are ignored
+# a 16-frame clip from a 320x240 copy (2.7 ms to open; 0.35 ms with this, measured). Skipping the
+# probe's frames leaves the decoder we use untouched; tests compare against a plain open. Not
+# "nonkey" (0.14 ms): after it decoded a keyframe, FFmpeg 8 drops the display matrix (rotation).
+_PROBE_OPTIONS = [{"skip_frame": "all"}] * 8  # per stream, in order; extra entries are ignored
 
 
 def _open(src: Source) -> av.container.InputContainer:
@@ -138,6 +146,50 @@ def _output_size(height: int, width: int, size: Size) -> tuple[int, int]:
 
 
 Convert = Callable[[av.VideoFrame], np.ndarray]
+
+
+@dataclass(frozen=True)
+class Display:
+    """How a decoded picture is shown: stretched to square pixels (its sample aspect ratio), then
+    turned upright by its display matrix (phones store sideways pictures and a rotation tag)."""
+
+    height: int  # of the upright, square-pixel picture
+    width: int
+    transpose: bool  # a quarter turn: rows become columns (then the flips give its direction)
+    flip_h: bool  # mirror left-right
+    flip_v: bool  # mirror top-bottom
+
+    def stored_size(self, height: int, width: int) -> tuple[int, int]:
+        """The (height, width) to scale a stored picture to, for an upright `height` x `width`."""
+        return (width, height) if self.transpose else (height, width)
+
+    def upright(self, pixels: np.ndarray) -> np.ndarray:
+        """A (H, W, ...) array of the stored picture, shown the way the display matrix says (a view)."""
+        if self.transpose:
+            pixels = pixels.swapaxes(0, 1)
+        if self.flip_h:
+            pixels = pixels[:, ::-1]
+        if self.flip_v:
+            pixels = pixels[::-1]
+        return pixels
+
+
+def display_of(frame: av.VideoFrame, sample_aspect_ratio: Fraction | None) -> Display:
+    """The Display of a decoded frame; `sample_aspect_ratio` is its stream's (PyAV has no frame's).
+
+    The display matrix maps a stored pixel (x, y) to x' = a x + c y, y' = b x + d y (FFmpeg's
+    layout: a, b, c, d are entries 0, 1, 3, 4). Angles between quarter turns go to the nearest one.
+    """
+    width = frame.width
+    if sample_aspect_ratio and sample_aspect_ratio != 1:
+        width = max(1, round(frame.width * sample_aspect_ratio))  # players keep the height
+    a, b, c, d = 1, 0, 0, 1
+    matrix = frame.side_data.get("DISPLAYMATRIX")
+    if matrix is not None:
+        a, b, _, c, d = np.frombuffer(bytes(matrix), np.int32)[:5].tolist()
+    if abs(b) > abs(a):  # x' follows y: a quarter turn
+        return Display(width, frame.height, True, flip_h=c < 0, flip_v=b < 0)
+    return Display(frame.height, width, False, flip_h=a < 0, flip_v=d < 0)
 
 
 def _check_size(size: Size) -> None:
@@ -238,8 +290,10 @@ class VideoDecoder:
         except BaseException:
             self._container.close()
             raise
+        # The stored size; frames come out upright with square pixels (see `display_of`).
         self.height = self._stream.codec_context.height
         self.width = self._stream.codec_context.width
+        self._sample_aspect_ratio = self._stream.sample_aspect_ratio
         # One reformatter, one thread: PyAV's default builds a reformatter per frame, each with an
         # automatic pool of one thread per core; a pool of decode processes wants one thread each.
         self._reformatter = VideoReformatter()
@@ -257,8 +311,9 @@ class VideoDecoder:
     def decode(self, indices: Sequence[int] | np.ndarray, *, size: Size = None) -> np.ndarray:
         """Frames at 0-based `indices` (any order, repeats allowed) as uint8 RGB (T, H, W, 3).
 
-        Indices at or past the end repeat the last frame. `size` scales while converting to RGB:
-        an int is the short side in pixels, a tuple is (height, width).
+        Indices at or past the end repeat the last frame. Frames are upright with square pixels
+        (see `display_of`). `size` scales while converting to RGB: an int is the short side in
+        pixels, a tuple is (height, width), both of the upright picture.
         """
         idx = _check_indices(indices)
         _check_size(size)
@@ -276,9 +331,10 @@ class VideoDecoder:
         return np.stack([frames[min(i, last_index)] for i in idx.tolist()])
 
     def _to_rgb(self, frame: av.VideoFrame, size: Size) -> np.ndarray:
-        height, width = _output_size(frame.height, frame.width, size)
-        return self._reformatter.reformat(frame, width=width, height=height, format="rgb24",
-                                          threads=1).to_ndarray()
+        display = display_of(frame, self._sample_aspect_ratio)
+        height, width = display.stored_size(*_output_size(display.height, display.width, size))
+        rgb = self._reformatter.reformat(frame, width=width, height=height, format="rgb24", threads=1)
+        return display.upright(rgb.to_ndarray())
 
     def _decode_sequential(self, wanted: set[int], size: Size) -> tuple[dict[int, np.ndarray], int]:
         # A fresh container: seeking back to the start is exactly what this stream may not support.
@@ -310,7 +366,9 @@ def decode_frames(src: Source, indices: Sequence[int] | np.ndarray, *, size: Siz
     Indices at or past the end repeat the last frame. `size` scales while converting to RGB
     (cheaper than decoding at full size and resizing): an int is the short side in pixels,
     a tuple is (height, width). With `size=None` the frames are exactly those of a full
-    sequential decode. Raises DecodeError for an unreadable video, ValueError for bad arguments.
+    sequential decode, as displayed: turned upright by the stream's display matrix and, for
+    non-square pixels, with the width scaled by the sample aspect ratio (see `display_of`).
+    Raises DecodeError for an unreadable video, ValueError for bad arguments.
     """
     idx = _check_indices(indices)
     _check_size(size)

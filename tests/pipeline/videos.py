@@ -41,13 +41,16 @@ COLOURS = {
 def write_video(path: str | Path, frames: np.ndarray, *, fps: float = 30, codec: str = "libx264",
                 pix_fmt: str = "yuv420p", gop: int | None = None, bframes: bool = True,
                 times_s: Sequence[float] | None = None, faststart: bool = False,
-                container_format: str | None = None, colour: str | None = None) -> Path:
+                container_format: str | None = None, colour: str | None = None, rotation: int = 0,
+                hflip: bool = False, sample_aspect_ratio: Fraction | None = None) -> Path:
     """Encode RGB `(T, H, W, 3)` uint8 frames; returns `path`.
 
     `times_s` gives each frame's timestamp (variable frame rate); otherwise frame i is at i/fps.
     `bframes` asks libx264 for B-frames (so decode order differs from presentation order).
     `colour` (a `COLOURS` name) converts RGB to YUV with that matrix and range and tags the stream
-    so; without it PyAV converts with BT.601 limited range and tags nothing.
+    so; without it PyAV converts with BT.601 limited range and tags nothing. `rotation` (degrees
+    counter-clockwise, as `VideoFrame.rotation` reads it back), `hflip` (mirror after turning) and
+    `sample_aspect_ratio` only tag the stream: the frames are stored as given.
     """
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
@@ -60,6 +63,10 @@ def write_video(path: str | Path, frames: np.ndarray, *, fps: float = 30, codec:
         stream.width, stream.height = frames.shape[2], frames.shape[1]
         stream.pix_fmt = pix_fmt
         stream.codec_context.time_base = time_base
+        if rotation or hflip:
+            stream.set_display_rotation(rotation, hflip=hflip)
+        if sample_aspect_ratio:
+            stream.codec_context.sample_aspect_ratio = sample_aspect_ratio
         if colour:
             matrix, color_range, tags = COLOURS[colour]
             context = stream.codec_context
