@@ -159,6 +159,10 @@ class Display:
     flip_h: bool  # mirror left-right
     flip_v: bool  # mirror top-bottom
 
+    @property
+    def is_upright(self) -> bool:
+        return not (self.transpose or self.flip_h or self.flip_v)
+
     def stored_size(self, height: int, width: int) -> tuple[int, int]:
         """The (height, width) to scale a stored picture to, for an upright `height` x `width`."""
         return (width, height) if self.transpose else (height, width)

@@ -9,7 +9,9 @@ pictures so that truncated files are noticed, not only broken headers.
 dimensions, an optional smaller short side, every `frame_stride`-th frame of the original,
 a keyframe every `keyframe_interval` frames, no B-frames, explicit increasing timestamps
 (frames written without them all get pts 0 and break seeking), and the source's colour
-description (matrix, range, primaries, transfer), so that the copy decodes to the same RGB.
+description (matrix, range, primaries, transfer). It stores the picture as shown (turned
+upright, square pixels, no rotation tag; see `pipeline.decode.display_of`), so a copy decodes
+to the frames its original decodes to.
 """
 
 from __future__ import annotations
@@ -21,11 +23,15 @@ from pathlib import Path
 from typing import IO, Union
 
 import av
+import numpy as np
 from av.video.frame import PictureType
 from av.video.reformatter import VideoReformatter
 
+from pipeline.decode import Display, display_of
+
 Source = Union[str, Path, bytes, bytearray, memoryview, IO[bytes]]
 
+_COLOUR_TAGS = ("colorspace", "color_range", "color_primaries", "color_trc")
 DEFAULT_MIN_FRAMES = 16
 DEFAULT_MIN_SIDE = 32
 
@@ -75,8 +81,8 @@ def probe_video(src: Source, *, min_frames: int = DEFAULT_MIN_FRAMES, min_side: 
 
     Returns `status` (`ok`, `empty`, `unreadable`, `no_video_stream`, `too_small`, `too_short`),
     `reason` ("" when ok) and `container`, `codec`, `pix_fmt`, `bit_depth`, `num_frames`, `fps`
-    (average), `vfr`, `width`, `height`, `duration_s`, `keyframe_interval` (largest gap between
-    keyframes, in frames), `bytes`. `decode="ends"` decodes the first frame and the last GOP;
+    (average), `vfr`, `width`, `height` (of the frames as decoded: upright, square pixels),
+    `duration_s`, `keyframe_interval` (largest gap between keyframes, in frames), `bytes`. `decode="ends"` decodes the first frame and the last GOP;
     `decode="all"` decodes every frame (slower, catches damage in the middle too).
     """
     if decode not in ("ends", "all"):
@@ -115,6 +121,15 @@ def probe_video(src: Source, *, min_frames: int = DEFAULT_MIN_FRAMES, min_side: 
         pts: list[int] = []
         keyframes: list[int] = []
         count = first_frames = 0
+        shown: Display | None = None  # of the first frame: the manifest's size is what decoding yields
+
+        def decode_packet(packet) -> int:  # None flushes the decoder
+            nonlocal shown
+            frames = stream.decode(packet)
+            if frames and shown is None:
+                shown = display_of(frames[0], stream.sample_aspect_ratio)
+            return len(frames)
+
         try:
             for packet in container.demux(stream):
                 if not packet.size:
@@ -127,9 +142,9 @@ def probe_video(src: Source, *, min_frames: int = DEFAULT_MIN_FRAMES, min_side: 
                     pts.append(packet.pts)
                 count += 1
                 if decode == "all" or not first_frames:
-                    first_frames += len(packet.decode())
+                    first_frames += decode_packet(packet)
             if decode == "all" or not first_frames:
-                first_frames += len(stream.decode(None))
+                first_frames += decode_packet(None)
         except Exception as err:  # noqa: BLE001
             return bad("unreadable", f"failed at packet {count}: {_one_line(err)}")
         declared = stream.frames or 0
@@ -139,6 +154,7 @@ def probe_video(src: Source, *, min_frames: int = DEFAULT_MIN_FRAMES, min_side: 
             return bad("unreadable", "no decodable frames")
         if decode == "all" and first_frames < count:
             return bad("unreadable", f"only {first_frames} of {count} frames decode")
+        info["width"], info["height"] = shown.width, shown.height
 
         info["num_frames"] = count
         gaps = [b - a for a, b in zip(keyframes, keyframes[1:] + [count])]
@@ -203,6 +219,21 @@ def output_size(width: int, height: int, short_side: int | None) -> tuple[int, i
     return w, h
 
 
+def _upright_yuv420p(image: av.VideoFrame, display: Display) -> av.VideoFrame:
+    """`image` turned and mirrored as `display` says, plane by plane (chroma is half size both ways)."""
+    height, width = image.height, image.width
+    flat = image.to_ndarray().reshape(-1)  # Y, then U, then V
+    luma, chroma = height * width, height * width // 4
+    planes = [flat[:luma].reshape(height, width), flat[luma:luma + chroma].reshape(height // 2, width // 2),
+              flat[luma + chroma:].reshape(height // 2, width // 2)]
+    planes = [display.upright(plane) for plane in planes]
+    turned = av.VideoFrame.from_ndarray(np.concatenate([p.reshape(-1) for p in planes]).reshape(-1, planes[0].shape[1]),
+                                        format="yuv420p")
+    for tag in _COLOUR_TAGS:  # a frame made from an array has no colour description
+        setattr(turned, tag, getattr(image, tag))
+    return turned
+
+
 def _h264_stream(out, image, rate: Fraction, *, keyframe_interval: int, crf: int, preset: str, threads: int):
     """An H.264 stream for frames like `image`, tagged with its colour description: without one a
     decoder assumes BT.601 limited range, several levels off for a BT.709 or full-range source."""
@@ -213,7 +244,7 @@ def _h264_stream(out, image, rate: Fraction, *, keyframe_interval: int, crf: int
     context.gop_size = keyframe_interval
     context.max_b_frames = 0
     context.thread_count = threads
-    for tag in ("colorspace", "color_range", "color_primaries", "color_trc"):
+    for tag in _COLOUR_TAGS:
         setattr(context, tag, getattr(image, tag))
     stream.options = {"crf": str(crf), "preset": preset,
                       "x264-params": f"keyint={keyframe_interval}:min-keyint={keyframe_interval}:scenecut=0:bframes=0"}
@@ -259,11 +290,16 @@ def transcode_video(src: Source, dst_local_path: str | Path, *, short_side: int 
                     if (decoded - 1) % frame_stride:
                         continue
                     if stream is None:
-                        width, height = output_size(frame.width, frame.height, short_side)
+                        # The copy stores the picture as shown (upright, square pixels), untagged.
+                        display = display_of(frame, in_stream.sample_aspect_ratio)
+                        out_width, out_height = output_size(display.width, display.height, short_side)
+                        height, width = display.stored_size(out_height, out_width)
                         # YUV keeps its own matrix and range; RGB has none to keep, so it gets BT.709.
                         colour = {"dst_colorspace": "ITU709", "dst_color_range": "MPEG"} if frame.format.is_rgb else {}
                     image = reformatter.reformat(frame, width=width, height=height, format="yuv420p",
                                                  interpolation="AREA", threads=threads, **colour)
+                    if not display.is_upright:
+                        image = _upright_yuv420p(image, display)
                     if stream is None:
                         stream = _h264_stream(out, image, rate, keyframe_interval=keyframe_interval, crf=crf,
                                               preset=preset, threads=threads)
@@ -282,7 +318,7 @@ def transcode_video(src: Source, dst_local_path: str | Path, *, short_side: int 
         raise
     except Exception as err:  # noqa: BLE001 - one line for the manifest's reason
         raise TranscodeError(f"after {decoded} decoded frames: {_one_line(err)}") from None
-    return {"num_frames": written, "fps": float(rate), "width": width, "height": height,
+    return {"num_frames": written, "fps": float(rate), "width": out_width, "height": out_height,
             "duration_s": float(written * time_base), "bytes": dst.stat().st_size, "codec": "h264",
             "pix_fmt": "yuv420p", "frame_stride": frame_stride, "keyframe_interval": keyframe_interval,
             "source_frames": decoded}

@@ -1,6 +1,7 @@
 """pipeline.video: probing every broken kind, and transcodes that keep every n-th frame."""
 
 import io
+from fractions import Fraction
 
 import av
 import numpy as np
@@ -117,6 +118,29 @@ def test_transcode_gives_an_rgb_source_a_colour_description(tmp_path):
     transcode_video(src, tmp_path / "copy.mp4", crf=12)
     assert _colour_tags(tmp_path / "copy.mp4")[:2] == (1, 1)  # BT.709, limited range
     assert np.abs(decode_frames(tmp_path / "copy.mp4", range(12)).astype(int) - rgb).mean() < 3
+
+
+@pytest.mark.parametrize("rotation, hflip, sample_aspect_ratio", [
+    (90, False, None), (270, True, None), (0, False, Fraction(3, 2)), (90, False, Fraction(3, 2))])
+def test_prepared_copy_decodes_like_its_original(tmp_path, rotation, hflip, sample_aspect_ratio):
+    """Training reads prepared copies and predict reads originals: both decode to the same upright,
+    square-pixel frames, and the copy stores them so, untagged."""
+    src = write_video(tmp_path / "phone.mp4", make_frames(24, 48, 64, cell=8), rotation=rotation, hflip=hflip,
+                      sample_aspect_ratio=sample_aspect_ratio)
+    copy = tmp_path / "copy.mp4"
+    meta = transcode_video(src, copy, frame_stride=2, crf=12)
+    original, prepared = probe_video(src), probe_video(copy)
+    assert (original["width"], original["height"]) == (prepared["width"], prepared["height"]) \
+        == (meta["width"], meta["height"])
+    with av.open(str(copy)) as container:
+        assert next(container.decode(video=0)).rotation == 0
+        assert container.streams.video[0].sample_aspect_ratio in (None, 1)
+    for size in (None, 32):
+        a = decode_frames(src, range(0, 24, 2), size=size).astype(int)
+        b = decode_frames(copy, range(12), size=size).astype(int)
+        assert a.shape == b.shape
+        error, mirrored = np.abs(a - b).mean(), np.abs(a - b[:, :, ::-1]).mean()
+        assert error < 6 and 4 * error < mirrored, (size, error, mirrored)
 
 
 @pytest.mark.parametrize("kind", ["not_video", "audio_only", "truncated_index"])
