@@ -269,11 +269,15 @@ def _shown(frames: np.ndarray, rotation: int, hflip: bool) -> np.ndarray:
     return turned[:, :, ::-1] if hflip else turned
 
 
-@pytest.mark.parametrize("rotation, hflip", [(90, False), (180, False), (270, False), (0, True), (90, True)])
-def test_rotated_videos_decode_upright(tmp_path, rotation, hflip):
+@pytest.mark.parametrize("rotation, hflip, codec", [(90, False, "libx264"), (180, False, "libx264"),
+                                                    (270, False, "libx264"), (0, True, "libx264"),
+                                                    (90, True, "libx264"), (90, False, "libvpx-vp9")])
+def test_rotated_videos_decode_upright(tmp_path, rotation, hflip, codec):
     """A phone video's display matrix is applied: frames are those of a sequential decode, turned."""
     stored = make_frames(24, 48, 64)
-    path = write_video(tmp_path / "phone.mp4", stored, rotation=rotation, hflip=hflip, gop=8)
+    container = "mp4" if codec == "libx264" else "webm"
+    path = write_video(tmp_path / f"phone.{container}", stored, rotation=rotation, hflip=hflip, gop=8, codec=codec,
+                       container_format=container)
     reference = _shown(decode_all(path)[0], rotation, hflip)
     indices = [0, 13, 2, 23]
     out = decode_frames(path, indices)
