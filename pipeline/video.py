@@ -82,8 +82,9 @@ def probe_video(src: Source, *, min_frames: int = DEFAULT_MIN_FRAMES, min_side: 
     Returns `status` (`ok`, `empty`, `unreadable`, `no_video_stream`, `too_small`, `too_short`),
     `reason` ("" when ok) and `container`, `codec`, `pix_fmt`, `bit_depth`, `num_frames`, `fps`
     (average), `vfr`, `width`, `height` (of the frames as decoded: upright, square pixels),
-    `duration_s`, `keyframe_interval` (largest gap between keyframes, in frames), `bytes`. `decode="ends"` decodes the first frame and the last GOP;
-    `decode="all"` decodes every frame (slower, catches damage in the middle too).
+    `duration_s`, `keyframe_interval` (largest gap between keyframes, in frames), `bytes`.
+    `decode="ends"` decodes the first frame and the last GOP; `decode="all"` decodes every frame
+    (slower, catches damage in the middle too).
     """
     if decode not in ("ends", "all"):
         raise ValueError(f"decode={decode!r} is not one of 'ends', 'all'")
@@ -190,7 +191,7 @@ def probe_video(src: Source, *, min_frames: int = DEFAULT_MIN_FRAMES, min_side: 
             period = 1 / info["fps"] if info["fps"] else 0.0
             if declared_s and declared_s - covered_s > 1.5 * period + 0.01:
                 return bad("unreadable", f"truncated: the container declares {declared_s:.2f} s, "
-                                         f"the frames cover {info['duration_s']:.2f} s")
+                                         f"the frames cover {covered_s:.2f} s")
 
         # Pass 2: decode the last group of pictures (where a truncated download is damaged).
         if decode == "ends" and keyframes and len(pts) == count:
@@ -227,8 +228,8 @@ def _upright_yuv420p(image: av.VideoFrame, display: Display) -> av.VideoFrame:
     planes = [flat[:luma].reshape(height, width), flat[luma:luma + chroma].reshape(height // 2, width // 2),
               flat[luma + chroma:].reshape(height // 2, width // 2)]
     planes = [display.upright(plane) for plane in planes]
-    turned = av.VideoFrame.from_ndarray(np.concatenate([p.reshape(-1) for p in planes]).reshape(-1, planes[0].shape[1]),
-                                        format="yuv420p")
+    packed = np.concatenate([plane.reshape(-1) for plane in planes]).reshape(-1, planes[0].shape[1])
+    turned = av.VideoFrame.from_ndarray(packed, format="yuv420p")
     for tag in _COLOUR_TAGS:  # a frame made from an array has no colour description
         setattr(turned, tag, getattr(image, tag))
     return turned

@@ -41,6 +41,7 @@ def test_probe_metadata(kinds):
     assert probe_video(kinds["vfr"])["vfr"] is True
     assert probe_video(kinds["ten_bit"])["bit_depth"] == 10
     assert "truncated" in probe_video(kinds["truncated"])["reason"]
+    assert "truncated: the container declares" in probe_video(kinds["truncated_flv"])["reason"]
     assert probe_video(kinds["audio_only"])["reason"] == "no video stream (streams: audio)"
     assert probe_video(kinds["tiny"])["reason"] == "24x16 is below the minimum side 32"
     assert probe_video(kinds["short"])["reason"] == "6 frames is below the minimum 16"
