@@ -41,11 +41,22 @@ def test_probe_metadata(kinds):
     assert probe_video(kinds["vfr"])["vfr"] is True
     assert probe_video(kinds["ten_bit"])["bit_depth"] == 10
     assert "truncated" in probe_video(kinds["truncated"])["reason"]
-    assert "truncated: the container declares" in probe_video(kinds["truncated_flv"])["reason"]
     assert probe_video(kinds["audio_only"])["reason"] == "no video stream (streams: audio)"
     assert probe_video(kinds["tiny"])["reason"] == "24x16 is below the minimum side 32"
     assert probe_video(kinds["short"])["reason"] == "6 frames is below the minimum 16"
     assert probe_video(kinds["short"], min_frames=4)["status"] == "ok"
+
+
+def test_probe_flags_an_flv_cut_between_frames(tmp_path):
+    """Whole frames, fewer than the FLV's declared duration covers (a cut mid-frame is corrupt)."""
+    path = write_video(tmp_path / "full.flv", make_frames(40, seed=7), container_format="flv")
+    with av.open(str(path)) as container:
+        starts = [packet.pos for packet in container.demux(video=0) if packet.size]
+    cut = tmp_path / "cut.flv"
+    cut.write_bytes(path.read_bytes()[:starts[25]])
+    info = probe_video(cut)
+    assert info["status"] == "unreadable", info
+    assert info["reason"].startswith("truncated: the container declares 1.40 s"), info["reason"]
 
 
 def _keyframes(path) -> list[int]:
