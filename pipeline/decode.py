@@ -13,6 +13,12 @@ slower: we decode through, and do not seek to that keyframe again. If the stream
 assumptions (missing or repeated timestamps, a seek that lands past the wanted frame, a frame
 the decoder drops), we fall back to one sequential decode that counts frames, which is the
 definition.
+
+Frames come out as they are shown (`display_of`): a stream's display matrix (the rotation tag of
+phone videos, and mirroring) is applied, and non-square pixels (a sample aspect ratio other than
+1) are stretched to square by scaling the width while converting to RGB. Prepared copies
+(`pipeline.video.transcode_video`) store that picture with square pixels and no tag, so a copy
+and its original decode to the same frames, and training on copies matches `predict` on originals.
 """
 
 from __future__ import annotations
@@ -21,10 +27,12 @@ import bisect
 import io
 import os
 from dataclasses import dataclass
-from typing import BinaryIO, Sequence, Union
+from fractions import Fraction
+from typing import BinaryIO, Callable, Sequence, Union
 
 import av
 import numpy as np
+from av.video.reformatter import VideoReformatter
 
 Source = Union[str, os.PathLike, bytes, bytearray, memoryview, BinaryIO]
 Size = Union[int, tuple[int, int], None]
@@ -52,9 +60,11 @@ class FrameTable:
 
 # Options for the codec that avformat_find_stream_info opens to probe each stream: by default it
 # decodes several frames (an H.264 I-frame plus its decode-delay guess), as much as a third of
-# a 16-frame clip from a 320x240 copy (4.7 ms to open; 0.3 ms with this, measured). Skipping the
-# probe's non-key frames leaves the decoder we use untouched; tests compare against a plain open.
-_PROBE_OPTIONS = [{"skip_frame": "nonkey"}] * 8  # per stream, in order; extra entries are ignored
+# a 16-frame clip from a 320x240 H.264 copy (1.3-4 ms to open; 0.4 ms with this, measured; VP9
+# opens in 1.4 ms either way). Skipping the probe's frames leaves the decoder we use untouched;
+# tests compare against a plain open. Not "nonkey" (0.1 ms): FFmpeg 8 then loses the display
+# matrix (the rotation of phone videos) for H.264 and VP9 alike.
+_PROBE_OPTIONS = [{"skip_frame": "all"}] * 8  # per stream, in order; extra entries are ignored
 
 
 def _open(src: Source) -> av.container.InputContainer:
@@ -65,7 +75,15 @@ def _open(src: Source) -> av.container.InputContainer:
             target = os.fspath(src)
         else:
             target = src
-        return av.open(target, mode="r", stream_options=_PROBE_OPTIONS)
+        try:
+            return av.open(target, mode="r", stream_options=_PROBE_OPTIONS)
+        except ValueError as err:
+            # MPEG-PS and FLV find their streams only while probing, so they refuse per-stream options.
+            if "stream_options" not in str(err):
+                raise
+            if hasattr(target, "seek"):
+                target.seek(0)
+            return av.open(target, mode="r")
     except (av.FFmpegError, OSError, ValueError) as err:
         raise DecodeError(f"cannot open video {_describe(src)}: {err}") from None
 
@@ -118,21 +136,65 @@ def count_frames(src: Source) -> int:
         return video.num_frames
 
 
-def _output_size(frame, size: Size) -> tuple[int, int] | None:
-    """(height, width) to convert to, or None for the frame's own size."""
+def _output_size(height: int, width: int, size: Size) -> tuple[int, int]:
+    """(height, width) to convert a `height` x `width` picture to."""
     if size is None:
-        return None
+        return height, width
     if isinstance(size, (int, np.integer)):
-        height, width = frame.height, frame.width
         scale = int(size) / min(height, width)
         return max(1, round(height * scale)), max(1, round(width * scale))
     return int(size[0]), int(size[1])
 
 
-def _to_rgb(frame, out_hw: tuple[int, int] | None) -> np.ndarray:
-    if out_hw is None or out_hw == (frame.height, frame.width):
-        return frame.to_ndarray(format="rgb24")
-    return frame.to_ndarray(format="rgb24", width=out_hw[1], height=out_hw[0])
+Convert = Callable[[av.VideoFrame], np.ndarray]
+
+
+@dataclass(frozen=True)
+class Display:
+    """How a decoded picture is shown: stretched to square pixels (its sample aspect ratio), then
+    turned upright by its display matrix (phones store sideways pictures and a rotation tag)."""
+
+    height: int  # of the upright, square-pixel picture
+    width: int
+    transpose: bool  # a quarter turn: rows become columns (then the flips give its direction)
+    flip_h: bool  # mirror left-right
+    flip_v: bool  # mirror top-bottom
+
+    @property
+    def is_upright(self) -> bool:
+        return not (self.transpose or self.flip_h or self.flip_v)
+
+    def stored_size(self, height: int, width: int) -> tuple[int, int]:
+        """The (height, width) to scale a stored picture to, for an upright `height` x `width`."""
+        return (width, height) if self.transpose else (height, width)
+
+    def upright(self, pixels: np.ndarray) -> np.ndarray:
+        """A (H, W, ...) array of the stored picture, shown the way the display matrix says (a view)."""
+        if self.transpose:
+            pixels = pixels.swapaxes(0, 1)
+        if self.flip_h:
+            pixels = pixels[:, ::-1]
+        if self.flip_v:
+            pixels = pixels[::-1]
+        return pixels
+
+
+def display_of(frame: av.VideoFrame, sample_aspect_ratio: Fraction | None) -> Display:
+    """The Display of a decoded frame; `sample_aspect_ratio` is its stream's (PyAV has no frame's).
+
+    The display matrix maps a stored pixel (x, y) to x' = a x + c y, y' = b x + d y (FFmpeg's
+    layout: a, b, c, d are entries 0, 1, 3, 4). Angles between quarter turns go to the nearest one.
+    """
+    width = frame.width
+    if sample_aspect_ratio and sample_aspect_ratio != 1:
+        width = max(1, round(frame.width * sample_aspect_ratio))  # players keep the height
+    a, b, c, d = 1, 0, 0, 1
+    matrix = frame.side_data.get("DISPLAYMATRIX")
+    if matrix is not None:
+        a, b, _, c, d = np.frombuffer(bytes(matrix), np.int32)[:5].tolist()
+    if abs(b) > abs(a):  # x' follows y: a quarter turn
+        return Display(width, frame.height, True, flip_h=c < 0, flip_v=b < 0)
+    return Display(frame.height, width, False, flip_h=a < 0, flip_v=d < 0)
 
 
 def _check_size(size: Size) -> None:
@@ -146,7 +208,7 @@ def _check_size(size: Size) -> None:
         raise ValueError(f"size={size!r}: use None, a short side (int) or (height, width) >= 1")
 
 
-def _decode_sequential(container, stream, wanted: set[int], size: Size) -> tuple[dict[int, np.ndarray], int]:
+def _decode_sequential(container, stream, wanted: set[int], convert: Convert) -> tuple[dict[int, np.ndarray], int]:
     """Decode from the start counting frames, which is the definition of a frame's index.
 
     Returns the wanted frames found and the index of the last frame decoded; when the stream
@@ -158,17 +220,17 @@ def _decode_sequential(container, stream, wanted: set[int], size: Size) -> tuple
     for i, frame in enumerate(container.decode(stream)):
         last = frame
         if i in wanted:
-            out[i] = _to_rgb(frame, _output_size(frame, size))
+            out[i] = convert(frame)
             if i == last_needed:
                 return out, i
     if last is None:
         raise DecodeError("the video stream has no decodable frames")
-    out[i] = _to_rgb(last, _output_size(last, size))
+    out[i] = convert(last)
     return out, i
 
 
 def _decode_seeking(container, stream, table: FrameTable, wanted: list[int],
-                    size: Size) -> dict[int, np.ndarray] | None:
+                    convert: Convert) -> dict[int, np.ndarray] | None:
     """Seek-decode the sorted, in-range `wanted` indices; None if the stream defeats seeking."""
     index_of = {int(p): i for i, p in enumerate(table.pts)}
     want = set(wanted)
@@ -191,7 +253,7 @@ def _decode_seeking(container, stream, table: FrameTable, wanted: list[int],
                 return None  # landed past the frame, or the decoder dropped it
             position = max(position, i)
             if i in want and i not in out:
-                out[i] = _to_rgb(frame, _output_size(frame, size))
+                out[i] = convert(frame)
             while w < len(wanted) and wanted[w] in out:
                 w += 1
             if w == len(wanted):
@@ -233,8 +295,13 @@ class VideoDecoder:
         except BaseException:
             self._container.close()
             raise
+        # The stored size; frames come out upright with square pixels (see `display_of`).
         self.height = self._stream.codec_context.height
         self.width = self._stream.codec_context.width
+        self._sample_aspect_ratio = self._stream.sample_aspect_ratio
+        # One reformatter, one thread: PyAV's default builds a reformatter per frame, each with an
+        # automatic pool of one thread per core; a pool of decode processes wants one thread each.
+        self._reformatter = VideoReformatter()
         self._seekable = self.table.reliable
         self._num_frames = self.table.num_frames if self.table.reliable else None
 
@@ -249,8 +316,9 @@ class VideoDecoder:
     def decode(self, indices: Sequence[int] | np.ndarray, *, size: Size = None) -> np.ndarray:
         """Frames at 0-based `indices` (any order, repeats allowed) as uint8 RGB (T, H, W, 3).
 
-        Indices at or past the end repeat the last frame. `size` scales while converting to RGB:
-        an int is the short side in pixels, a tuple is (height, width).
+        Indices at or past the end repeat the last frame. Frames are upright with square pixels
+        (see `display_of`). `size` scales while converting to RGB: an int is the short side in
+        pixels, a tuple is (height, width), both of the upright picture.
         """
         idx = _check_indices(indices)
         _check_size(size)
@@ -258,7 +326,7 @@ class VideoDecoder:
             clamped = np.minimum(idx, self.table.num_frames - 1)
             try:
                 frames = _decode_seeking(self._container, self._stream, self.table, sorted(set(clamped.tolist())),
-                                         size)
+                                         lambda frame: self._to_rgb(frame, size))
             except av.FFmpegError as err:
                 raise DecodeError(f"cannot decode {_describe(self._src)}: {err}") from None
             if frames is not None:
@@ -267,13 +335,20 @@ class VideoDecoder:
         frames, last_index = self._decode_sequential(set(idx.tolist()), size)
         return np.stack([frames[min(i, last_index)] for i in idx.tolist()])
 
+    def _to_rgb(self, frame: av.VideoFrame, size: Size) -> np.ndarray:
+        display = display_of(frame, self._sample_aspect_ratio)
+        height, width = display.stored_size(*_output_size(display.height, display.width, size))
+        rgb = self._reformatter.reformat(frame, width=width, height=height, format="rgb24", threads=1)
+        return display.upright(rgb.to_ndarray())
+
     def _decode_sequential(self, wanted: set[int], size: Size) -> tuple[dict[int, np.ndarray], int]:
         # A fresh container: seeking back to the start is exactly what this stream may not support.
         if hasattr(self._src, "seek"):
             self._src.seek(0)
         with _open(self._src) as container:
             try:
-                return _decode_sequential(container, _video_stream(container, self._src), wanted, size)
+                return _decode_sequential(container, _video_stream(container, self._src), wanted,
+                                          lambda frame: self._to_rgb(frame, size))
             except av.FFmpegError as err:
                 raise DecodeError(f"cannot decode {_describe(self._src)}: {err}") from None
 
@@ -296,7 +371,9 @@ def decode_frames(src: Source, indices: Sequence[int] | np.ndarray, *, size: Siz
     Indices at or past the end repeat the last frame. `size` scales while converting to RGB
     (cheaper than decoding at full size and resizing): an int is the short side in pixels,
     a tuple is (height, width). With `size=None` the frames are exactly those of a full
-    sequential decode. Raises DecodeError for an unreadable video, ValueError for bad arguments.
+    sequential decode, as displayed: turned upright by the stream's display matrix and, for
+    non-square pixels, with the width scaled by the sample aspect ratio (see `display_of`).
+    Raises DecodeError for an unreadable video, ValueError for bad arguments.
     """
     idx = _check_indices(indices)
     _check_size(size)

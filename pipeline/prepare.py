@@ -38,7 +38,7 @@ from pipeline.config import StorageConfig
 from pipeline.video import TranscodeError, probe_video, transcode_video
 
 # Bump when probing or transcoding changes what it writes: every cached result is redone.
-PREPARE_VERSION = 1
+PREPARE_VERSION = 2  # 2: copies upright with square pixels and the colour description; sizes as shown
 PARTS = "_parts"
 VIDEOS = "videos"
 # Results that depend on more than the source and the options are never cached.

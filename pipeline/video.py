@@ -7,8 +7,11 @@ pictures so that truncated files are noticed, not only broken headers.
 
 `transcode_video` writes H.264 yuv420p in MP4 (index at the front, for range reads) with even
 dimensions, an optional smaller short side, every `frame_stride`-th frame of the original,
-a keyframe every `keyframe_interval` frames, no B-frames, and explicit increasing timestamps
-(frames written without them all get pts 0 and break seeking).
+a keyframe every `keyframe_interval` frames, no B-frames, explicit increasing timestamps
+(frames written without them all get pts 0 and break seeking), and the source's colour
+description (matrix, range, primaries, transfer). It stores the picture as shown (turned
+upright, square pixels, no rotation tag; see `pipeline.decode.display_of`), so a copy decodes
+to the frames its original decodes to.
 """
 
 from __future__ import annotations
@@ -20,10 +23,15 @@ from pathlib import Path
 from typing import IO, Union
 
 import av
+import numpy as np
 from av.video.frame import PictureType
+from av.video.reformatter import VideoReformatter
+
+from pipeline.decode import Display, display_of
 
 Source = Union[str, Path, bytes, bytearray, memoryview, IO[bytes]]
 
+_COLOUR_TAGS = ("colorspace", "color_range", "color_primaries", "color_trc")
 DEFAULT_MIN_FRAMES = 16
 DEFAULT_MIN_SIDE = 32
 
@@ -73,9 +81,10 @@ def probe_video(src: Source, *, min_frames: int = DEFAULT_MIN_FRAMES, min_side: 
 
     Returns `status` (`ok`, `empty`, `unreadable`, `no_video_stream`, `too_small`, `too_short`),
     `reason` ("" when ok) and `container`, `codec`, `pix_fmt`, `bit_depth`, `num_frames`, `fps`
-    (average), `vfr`, `width`, `height`, `duration_s`, `keyframe_interval` (largest gap between
-    keyframes, in frames), `bytes`. `decode="ends"` decodes the first frame and the last GOP;
-    `decode="all"` decodes every frame (slower, catches damage in the middle too).
+    (average), `vfr`, `width`, `height` (of the frames as decoded: upright, square pixels),
+    `duration_s`, `keyframe_interval` (largest gap between keyframes, in frames), `bytes`.
+    `decode="ends"` decodes the first frame and the last GOP; `decode="all"` decodes every frame
+    (slower, catches damage in the middle too).
     """
     if decode not in ("ends", "all"):
         raise ValueError(f"decode={decode!r} is not one of 'ends', 'all'")
@@ -113,6 +122,15 @@ def probe_video(src: Source, *, min_frames: int = DEFAULT_MIN_FRAMES, min_side: 
         pts: list[int] = []
         keyframes: list[int] = []
         count = first_frames = 0
+        shown: Display | None = None  # of the first frame: the manifest's size is what decoding yields
+
+        def decode_packet(packet) -> int:  # None flushes the decoder
+            nonlocal shown
+            frames = stream.decode(packet)
+            if frames and shown is None:
+                shown = display_of(frames[0], stream.sample_aspect_ratio)
+            return len(frames)
+
         try:
             for packet in container.demux(stream):
                 if not packet.size:
@@ -125,9 +143,9 @@ def probe_video(src: Source, *, min_frames: int = DEFAULT_MIN_FRAMES, min_side: 
                     pts.append(packet.pts)
                 count += 1
                 if decode == "all" or not first_frames:
-                    first_frames += len(packet.decode())
+                    first_frames += decode_packet(packet)
             if decode == "all" or not first_frames:
-                first_frames += len(stream.decode(None))
+                first_frames += decode_packet(None)
         except Exception as err:  # noqa: BLE001
             return bad("unreadable", f"failed at packet {count}: {_one_line(err)}")
         declared = stream.frames or 0
@@ -137,11 +155,13 @@ def probe_video(src: Source, *, min_frames: int = DEFAULT_MIN_FRAMES, min_side: 
             return bad("unreadable", "no decodable frames")
         if decode == "all" and first_frames < count:
             return bad("unreadable", f"only {first_frames} of {count} frames decode")
+        info["width"], info["height"] = shown.width, shown.height
 
         info["num_frames"] = count
         gaps = [b - a for a, b in zip(keyframes, keyframes[1:] + [count])]
         info["keyframe_interval"] = max(gaps) if gaps else count
         tb = stream.time_base or Fraction(1, 1)
+        end_s = 0.0  # where the last frame ends, counted from timestamp 0
         if len(pts) >= 2:
             ordered = sorted(pts)
             deltas = [b - a for a, b in zip(ordered, ordered[1:]) if b > a]
@@ -149,6 +169,7 @@ def probe_video(src: Source, *, min_frames: int = DEFAULT_MIN_FRAMES, min_side: 
             info["vfr"] = bool(deltas) and max(deltas) > 1.5 * step
             mean_delta = (ordered[-1] - ordered[0]) / max(1, len(ordered) - 1)
             info["duration_s"] = float((ordered[-1] - ordered[0] + mean_delta) * tb)
+            end_s = float((ordered[-1] + mean_delta) * tb)
         elif container.duration:
             info["duration_s"] = container.duration / av.time_base
         rate = stream.average_rate or stream.guessed_rate
@@ -164,10 +185,13 @@ def probe_video(src: Source, *, min_frames: int = DEFAULT_MIN_FRAMES, min_side: 
                 declared_s = container.duration / av.time_base
             else:
                 declared_s = 0.0
+            # FLV declares the end time of its last frame, which B-frames put after the first
+            # frame's delay: a complete file covers its declared duration one way or the other.
+            covered_s = max(info["duration_s"], end_s)
             period = 1 / info["fps"] if info["fps"] else 0.0
-            if declared_s and declared_s - info["duration_s"] > 1.5 * period + 0.01:
+            if declared_s and declared_s - covered_s > 1.5 * period + 0.01:
                 return bad("unreadable", f"truncated: the container declares {declared_s:.2f} s, "
-                                         f"the frames cover {info['duration_s']:.2f} s")
+                                         f"the frames cover {covered_s:.2f} s")
 
         # Pass 2: decode the last group of pictures (where a truncated download is damaged).
         if decode == "ends" and keyframes and len(pts) == count:
@@ -194,6 +218,38 @@ def output_size(width: int, height: int, short_side: int | None) -> tuple[int, i
     w = max(2, int(round(width * scale / 2)) * 2) if scale != 1.0 else max(2, width - width % 2)
     h = max(2, int(round(height * scale / 2)) * 2) if scale != 1.0 else max(2, height - height % 2)
     return w, h
+
+
+def _upright_yuv420p(image: av.VideoFrame, display: Display) -> av.VideoFrame:
+    """`image` turned and mirrored as `display` says, plane by plane (chroma is half size both ways)."""
+    height, width = image.height, image.width
+    flat = image.to_ndarray().reshape(-1)  # Y, then U, then V
+    luma, chroma = height * width, height * width // 4
+    planes = [flat[:luma].reshape(height, width), flat[luma:luma + chroma].reshape(height // 2, width // 2),
+              flat[luma + chroma:].reshape(height // 2, width // 2)]
+    planes = [display.upright(plane) for plane in planes]
+    packed = np.concatenate([plane.reshape(-1) for plane in planes]).reshape(-1, planes[0].shape[1])
+    turned = av.VideoFrame.from_ndarray(packed, format="yuv420p")
+    for tag in _COLOUR_TAGS:  # a frame made from an array has no colour description
+        setattr(turned, tag, getattr(image, tag))
+    return turned
+
+
+def _h264_stream(out, image, rate: Fraction, *, keyframe_interval: int, crf: int, preset: str, threads: int):
+    """An H.264 stream for frames like `image`, tagged with its colour description: without one a
+    decoder assumes BT.601 limited range, several levels off for a BT.709 or full-range source."""
+    stream = out.add_stream("libx264", rate=rate)
+    stream.width, stream.height, stream.pix_fmt = image.width, image.height, "yuv420p"
+    context = stream.codec_context
+    context.time_base = Fraction(rate.denominator, rate.numerator)
+    context.gop_size = keyframe_interval
+    context.max_b_frames = 0
+    context.thread_count = threads
+    for tag in _COLOUR_TAGS:
+        setattr(context, tag, getattr(image, tag))
+    stream.options = {"crf": str(crf), "preset": preset,
+                      "x264-params": f"keyint={keyframe_interval}:min-keyint={keyframe_interval}:scenecut=0:bframes=0"}
+    return stream
 
 
 def transcode_video(src: Source, dst_local_path: str | Path, *, short_side: int | None = None,
@@ -229,24 +285,25 @@ def transcode_video(src: Source, dst_local_path: str | Path, *, short_side: int 
             time_base = Fraction(rate.denominator, rate.numerator)
             with av.open(str(dst), "w", format="mp4", options={"movflags": "+faststart"}) as out:
                 stream = None
+                reformatter = VideoReformatter()
                 for frame in container.decode(in_stream):
                     decoded += 1
                     if (decoded - 1) % frame_stride:
                         continue
                     if stream is None:
-                        width, height = output_size(frame.width, frame.height, short_side)
-                        stream = out.add_stream("libx264", rate=rate)
-                        stream.width, stream.height, stream.pix_fmt = width, height, "yuv420p"
-                        stream.codec_context.time_base = time_base
-                        stream.codec_context.gop_size = keyframe_interval
-                        stream.codec_context.max_b_frames = 0
-                        stream.codec_context.thread_count = threads
-                        stream.options = {
-                            "crf": str(crf), "preset": preset,
-                            "x264-params": f"keyint={keyframe_interval}:min-keyint={keyframe_interval}"
-                                           ":scenecut=0:bframes=0"}
-                    image = frame.reformat(width=width, height=height, format="yuv420p",
-                                           interpolation="AREA")
+                        # The copy stores the picture as shown (upright, square pixels), untagged.
+                        display = display_of(frame, in_stream.sample_aspect_ratio)
+                        out_width, out_height = output_size(display.width, display.height, short_side)
+                        height, width = display.stored_size(out_height, out_width)
+                        # YUV keeps its own matrix and range; RGB has none to keep, so it gets BT.709.
+                        colour = {"dst_colorspace": "ITU709", "dst_color_range": "MPEG"} if frame.format.is_rgb else {}
+                    image = reformatter.reformat(frame, width=width, height=height, format="yuv420p",
+                                                 interpolation="AREA", threads=threads, **colour)
+                    if not display.is_upright:
+                        image = _upright_yuv420p(image, display)
+                    if stream is None:
+                        stream = _h264_stream(out, image, rate, keyframe_interval=keyframe_interval, crf=crf,
+                                              preset=preset, threads=threads)
                     image.pts = written
                     image.time_base = time_base
                     # libx264 obeys the decoder's I/P/B picture types when set; let it choose.
@@ -262,7 +319,7 @@ def transcode_video(src: Source, dst_local_path: str | Path, *, short_side: int 
         raise
     except Exception as err:  # noqa: BLE001 - one line for the manifest's reason
         raise TranscodeError(f"after {decoded} decoded frames: {_one_line(err)}") from None
-    return {"num_frames": written, "fps": float(rate), "width": width, "height": height,
+    return {"num_frames": written, "fps": float(rate), "width": out_width, "height": out_height,
             "duration_s": float(written * time_base), "bytes": dst.stat().st_size, "codec": "h264",
             "pix_fmt": "yuv420p", "frame_stride": frame_stride, "keyframe_interval": keyframe_interval,
             "source_frames": decoded}

@@ -1,6 +1,8 @@
 """Seek-decoding must return exactly what a full sequential decode yields at the same indices."""
 
 import io
+import os
+from fractions import Fraction
 
 import av
 import numpy as np
@@ -9,7 +11,7 @@ import pytest
 from pipeline import decode
 from pipeline.decode import DecodeError, VideoDecoder, count_frames, decode_frames, frame_table
 from pipeline.synth import MOTIONS, encode_h264, render_video
-from tests.pipeline.videos import KINDS, decode_all, write_kind
+from tests.pipeline.videos import KINDS, decode_all, make_frames, write_kind, write_video
 
 NUM_FRAMES = 70
 
@@ -220,3 +222,83 @@ def test_broken_videos_raise_decode_error_or_decode(tmp_path, kind):
 def test_bad_arguments(indices, size, match):
     with pytest.raises(ValueError, match=match):
         decode_frames(STREAMS["no_bframes_gop10"](), indices, size=size)
+
+
+def _threads() -> int:
+    return len(os.listdir("/proc/self/task"))
+
+
+def test_one_thread_and_one_reformatter_per_decode(monkeypatch):
+    """PyAV converts with a pool of one thread per core unless told otherwise: a decode task stays
+    on its own thread, and its one reformatter serves every frame of the video."""
+    made, threads_after_conversion = [], []
+    real = decode.VideoReformatter
+
+    class CountingReformatter:
+        def __init__(self):
+            self._real = real()
+            made.append(self)
+
+        def reformat(self, *args, **kwargs):
+            out = self._real.reformat(*args, **kwargs)
+            threads_after_conversion.append(_threads())  # a pool lives as long as its reformatter
+            return out
+
+    monkeypatch.setattr(decode, "VideoReformatter", CountingReformatter)
+    data = encode_h264(_frames(num_frames=20, seed=1), gop=8)
+    before = _threads()
+    with VideoDecoder(data) as video:
+        video.decode([1, 12, 19])
+        video.decode([3], size=24)
+    assert len(made) == 1 and len(threads_after_conversion) == 4
+    assert max(threads_after_conversion) == before
+
+
+@pytest.mark.parametrize("kind", ["mpeg_ps", "flv1", "h264_flv"])
+def test_formats_that_refuse_stream_options_open_from_any_source(tmp_path, kind):
+    """MPEG-PS and FLV are opened again without the probe's per-stream options, from the start."""
+    path = write_kind(tmp_path, kind)
+    reference, _ = decode_all(path)
+    for src in (path, path.read_bytes(), io.BytesIO(path.read_bytes()), open(path, "rb")):
+        np.testing.assert_array_equal(decode_frames(src, [0, 9, 3]), reference[[0, 9, 3]])
+
+
+def _shown(frames: np.ndarray, rotation: int, hflip: bool) -> np.ndarray:
+    """(T, H, W, 3) stored frames as the display matrix of `write_video` shows them."""
+    turned = np.rot90(frames, k=rotation // 90, axes=(1, 2))  # counter-clockwise
+    return turned[:, :, ::-1] if hflip else turned
+
+
+@pytest.mark.parametrize("rotation, hflip, codec", [(90, False, "libx264"), (180, False, "libx264"),
+                                                    (270, False, "libx264"), (0, True, "libx264"),
+                                                    (90, True, "libx264"), (90, False, "libvpx-vp9")])
+def test_rotated_videos_decode_upright(tmp_path, rotation, hflip, codec):
+    """A phone video's display matrix is applied: frames are those of a sequential decode, turned."""
+    stored = make_frames(24, 48, 64)
+    container = "mp4" if codec == "libx264" else "webm"
+    path = write_video(tmp_path / f"phone.{container}", stored, rotation=rotation, hflip=hflip, gop=8, codec=codec,
+                       container_format=container)
+    reference = _shown(decode_all(path)[0], rotation, hflip)
+    indices = [0, 13, 2, 23]
+    out = decode_frames(path, indices)
+    np.testing.assert_array_equal(out, reference[indices])
+    # The written picture, the right way round: of the 8 ways to turn and mirror it, the closest.
+    errors = {(r, f): np.abs(out.astype(int) - _shown(stored, r, f)[indices]).mean()
+              for r in (0, 90, 180, 270) for f in (False, True) if _shown(stored, r, f).shape[1:] == out.shape[1:]}
+    assert min(errors, key=errors.get) == (rotation, hflip), errors
+    assert decode_frames(path, [5], size=24).shape == ((1, 24, 32, 3) if rotation % 180 == 0 else (1, 32, 24, 3))
+
+
+def test_non_square_pixels_are_stretched_to_square(tmp_path):
+    """A 64x48 picture of 3:2 pixels shows as 96x48; the stored width is scaled while converting."""
+    path = write_video(tmp_path / "anamorphic.mp4", make_frames(20, 48, 64), sample_aspect_ratio=Fraction(3, 2))
+    with av.open(str(path)) as container:
+        reference = np.stack([f.to_ndarray(format="rgb24", width=96) for f in container.decode(video=0)])
+    indices = [0, 7, 19]
+    np.testing.assert_array_equal(decode_frames(path, indices), reference[indices])
+    assert decode_frames(path, [3], size=24).shape == (1, 24, 48, 3)
+
+
+def test_rotation_and_pixel_aspect_together(tmp_path):
+    path = write_video(tmp_path / "both.mp4", make_frames(12, 48, 64), rotation=90, sample_aspect_ratio=Fraction(1, 2))
+    assert decode_frames(path, [0, 11]).shape == (2, 32, 48, 3)  # 32 wide stored -> 32 tall shown

@@ -1,13 +1,15 @@
 """pipeline.video: probing every broken kind, and transcodes that keep every n-th frame."""
 
 import io
+from fractions import Fraction
 
 import av
 import numpy as np
 import pytest
 
 from pipeline.video import TranscodeError, output_size, probe_video, transcode_video
-from tests.pipeline.videos import KINDS, decode_all, make_frames, write_kind, write_video
+from pipeline.decode import decode_frames
+from tests.pipeline.videos import COLOURS, KINDS, decode_all, make_frames, write_kind, write_video
 
 
 @pytest.fixture(scope="module")
@@ -43,6 +45,18 @@ def test_probe_metadata(kinds):
     assert probe_video(kinds["tiny"])["reason"] == "24x16 is below the minimum side 32"
     assert probe_video(kinds["short"])["reason"] == "6 frames is below the minimum 16"
     assert probe_video(kinds["short"], min_frames=4)["status"] == "ok"
+
+
+def test_probe_flags_an_flv_cut_between_frames(tmp_path):
+    """Whole frames, fewer than the FLV's declared duration covers (a cut mid-frame is corrupt)."""
+    path = write_video(tmp_path / "full.flv", make_frames(40, seed=7), container_format="flv")
+    with av.open(str(path)) as container:
+        starts = [packet.pos for packet in container.demux(video=0) if packet.size]
+    cut = tmp_path / "cut.flv"
+    cut.write_bytes(path.read_bytes()[:starts[25]])
+    info = probe_video(cut)
+    assert info["status"] == "unreadable", info
+    assert info["reason"].startswith("truncated: the container declares 1.40 s"), info["reason"]
 
 
 def _keyframes(path) -> list[int]:
@@ -88,6 +102,57 @@ def test_transcode_handles_awkward_inputs(kinds, tmp_path, kind):
     assert not info["vfr"]
     _, pts = decode_all(tmp_path / "out.mp4")
     assert all(b > a for a, b in zip(pts, pts[1:]))
+
+
+def _colour_tags(path) -> tuple[int, int, int, int]:
+    with av.open(str(path)) as container:
+        frame = next(container.decode(video=0))
+        return frame.colorspace, frame.color_range, frame.color_primaries, frame.color_trc
+
+
+@pytest.mark.parametrize("colour", sorted(COLOURS))
+def test_transcode_keeps_the_colour_description(tmp_path, colour):
+    """A BT.709 or full-range source decodes to its own RGB, and so does its prepared copy."""
+    rgb = make_frames(12, 48, 64, speed_px=0, cell=16)  # flat squares: little chroma subsampling loss
+    src = write_video(tmp_path / "src.mp4", rgb, colour=colour)
+    transcode_video(src, tmp_path / "copy.mp4", crf=12)
+    assert _colour_tags(tmp_path / "copy.mp4") == _colour_tags(src) == COLOURS[colour][2]
+    indices = list(range(12))
+    error = {name: np.abs(decode_frames(path, indices).astype(int) - rgb).mean()
+             for name, path in (("original", src), ("copy", tmp_path / "copy.mp4"))}
+    assert error["original"] < 3, error  # decoded with the tagged matrix and range
+    assert error["copy"] < error["original"] + 1, error
+
+
+def test_transcode_gives_an_rgb_source_a_colour_description(tmp_path):
+    rgb = make_frames(12, 48, 64, speed_px=0, cell=16)
+    src = write_video(tmp_path / "src.mkv", rgb, codec="libx264rgb", pix_fmt="rgb24")
+    transcode_video(src, tmp_path / "copy.mp4", crf=12)
+    assert _colour_tags(tmp_path / "copy.mp4")[:2] == (1, 1)  # BT.709, limited range
+    assert np.abs(decode_frames(tmp_path / "copy.mp4", range(12)).astype(int) - rgb).mean() < 3
+
+
+@pytest.mark.parametrize("rotation, hflip, sample_aspect_ratio", [
+    (90, False, None), (270, True, None), (0, False, Fraction(3, 2)), (90, False, Fraction(3, 2))])
+def test_prepared_copy_decodes_like_its_original(tmp_path, rotation, hflip, sample_aspect_ratio):
+    """Training reads prepared copies and predict reads originals: both decode to the same upright,
+    square-pixel frames, and the copy stores them so, untagged."""
+    src = write_video(tmp_path / "phone.mp4", make_frames(24, 48, 64, cell=8), rotation=rotation, hflip=hflip,
+                      sample_aspect_ratio=sample_aspect_ratio)
+    copy = tmp_path / "copy.mp4"
+    meta = transcode_video(src, copy, frame_stride=2, crf=12)
+    original, prepared = probe_video(src), probe_video(copy)
+    assert (original["width"], original["height"]) == (prepared["width"], prepared["height"]) \
+        == (meta["width"], meta["height"])
+    with av.open(str(copy)) as container:
+        assert next(container.decode(video=0)).rotation == 0
+        assert container.streams.video[0].sample_aspect_ratio in (None, 1)
+    for size in (None, 32):
+        a = decode_frames(src, range(0, 24, 2), size=size).astype(int)
+        b = decode_frames(copy, range(12), size=size).astype(int)
+        assert a.shape == b.shape
+        error, mirrored = np.abs(a - b).mean(), np.abs(a - b[:, :, ::-1]).mean()
+        assert error < 6 and 4 * error < mirrored, (size, error, mirrored)
 
 
 @pytest.mark.parametrize("kind", ["not_video", "audio_only", "truncated_index"])

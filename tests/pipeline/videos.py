@@ -18,10 +18,9 @@ import numpy as np
 
 
 def make_frames(num_frames: int = 40, height: int = 48, width: int = 64, *, seed: int = 0,
-                speed_px: int = 3) -> np.ndarray:
-    """(T, H, W, 3) uint8 RGB frames: a smooth texture moving `speed_px` pixels per frame."""
+                speed_px: int = 3, cell: int = 4) -> np.ndarray:
+    """(T, H, W, 3) uint8 RGB frames: a texture of `cell`-pixel squares moving `speed_px` pixels per frame."""
     rng = np.random.default_rng(seed)
-    cell = 4
     big_w = width + num_frames * speed_px + cell
     coarse = rng.integers(0, 256, size=(height // cell + 2, big_w // cell + 2, 3), dtype=np.uint8)
     texture = np.repeat(np.repeat(coarse, cell, axis=0), cell, axis=1)[:height, :big_w].astype(np.int16)
@@ -32,14 +31,26 @@ def make_frames(num_frames: int = 40, height: int = 48, width: int = 64, *, seed
     return frames
 
 
+# name -> (matrix for RGB -> YUV, range, stream tags: colorspace, color_range, color_primaries, color_trc)
+COLOURS = {
+    "bt709": ("ITU709", "MPEG", (1, 1, 1, 1)),
+    "bt601_full": ("ITU601", "JPEG", (6, 2, 6, 6)),  # SMPTE 170M, full range
+}
+
+
 def write_video(path: str | Path, frames: np.ndarray, *, fps: float = 30, codec: str = "libx264",
                 pix_fmt: str = "yuv420p", gop: int | None = None, bframes: bool = True,
                 times_s: Sequence[float] | None = None, faststart: bool = False,
-                container_format: str | None = None) -> Path:
+                container_format: str | None = None, colour: str | None = None, rotation: int = 0,
+                hflip: bool = False, sample_aspect_ratio: Fraction | None = None) -> Path:
     """Encode RGB `(T, H, W, 3)` uint8 frames; returns `path`.
 
     `times_s` gives each frame's timestamp (variable frame rate); otherwise frame i is at i/fps.
     `bframes` asks libx264 for B-frames (so decode order differs from presentation order).
+    `colour` (a `COLOURS` name) converts RGB to YUV with that matrix and range and tags the stream
+    so; without it PyAV converts with BT.601 limited range and tags nothing. `rotation` (degrees
+    counter-clockwise, as `VideoFrame.rotation` reads it back), `hflip` (mirror after turning) and
+    `sample_aspect_ratio` only tag the stream: the frames are stored as given.
     """
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
@@ -52,6 +63,14 @@ def write_video(path: str | Path, frames: np.ndarray, *, fps: float = 30, codec:
         stream.width, stream.height = frames.shape[2], frames.shape[1]
         stream.pix_fmt = pix_fmt
         stream.codec_context.time_base = time_base
+        if rotation or hflip:
+            stream.set_display_rotation(rotation, hflip=hflip)
+        if sample_aspect_ratio:
+            stream.codec_context.sample_aspect_ratio = sample_aspect_ratio
+        if colour:
+            matrix, color_range, tags = COLOURS[colour]
+            context = stream.codec_context
+            context.colorspace, context.color_range, context.color_primaries, context.color_trc = tags
         if gop:
             stream.codec_context.gop_size = gop
         if codec == "libx264":
@@ -62,6 +81,8 @@ def write_video(path: str | Path, frames: np.ndarray, *, fps: float = 30, codec:
                               "x264-params": ":".join(params)}
         for i, rgb in enumerate(frames):
             frame = av.VideoFrame.from_ndarray(rgb, format="rgb24")
+            if colour:
+                frame = frame.reformat(format=pix_fmt, dst_colorspace=matrix, dst_color_range=color_range)
             frame.pts = round(times_s[i] * 1000) if times_s is not None else i
             frame.time_base = time_base
             for packet in stream.encode(frame):
@@ -157,6 +178,13 @@ KINDS: dict[str, tuple[str, str, Callable[[Path], Path]]] = {
                         lambda p: write_truncated(p, make_frames(40), faststart=False)),
     "truncated_webm": ("truncated_webm.webm", "unreadable",
                        lambda p: write_truncated(p, make_frames(40), faststart=False, codec="libvpx")),
+    "mpeg_ps": ("mpeg_ps.mpg", "ok",
+                lambda p: write_video(p, make_frames(24, seed=5), codec="mpeg2video", container_format="mpeg")),
+    "flv1": ("flv1.flv", "ok", lambda p: write_video(p, make_frames(24, seed=6), codec="flv", container_format="flv")),
+    # B-frames delay the first frame: the FLV's duration counts from 0, not from that frame.
+    "h264_flv": ("h264.flv", "ok", lambda p: write_video(p, make_frames(40, seed=7), container_format="flv")),
+    "truncated_flv": ("truncated_flv.flv", "unreadable",
+                      lambda p: write_truncated(p, make_frames(40), faststart=False, container_format="flv")),
     "empty": ("empty.mp4", "empty", write_empty),
     "not_video": ("not_video.mp4", "unreadable", write_not_video),
     "audio_only": ("audio_only.mp4", "no_video_stream", write_audio_only),
