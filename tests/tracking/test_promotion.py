@@ -5,6 +5,10 @@ from __future__ import annotations
 
 import json
 import math
+import os
+import subprocess
+import sys
+import time
 from pathlib import Path
 
 import numpy as np
@@ -15,7 +19,7 @@ from pipeline import gate, registry, tracking
 from pipeline import predictions as pred
 from pipeline.evaluate import version_model_id
 from pipeline.manifest import manifest_hash, read_manifest
-from tests.tracking.conftest import LABELS, fake_evaluation, fake_training, tiny_config
+from tests.tracking.conftest import LABELS, ROOT, fake_evaluation, fake_training, tiny_config
 
 
 def _table(outcomes: list[bool | None], *, views: int = 2, manifest: str = "h" * 64):
@@ -154,3 +158,46 @@ def test_promotion_is_a_paired_test_on_logged_evaluations(embedded, paired_manif
                                                           ("eval_top1", "prepared/val/2x1")}
     assert [m["value"] for m in metrics if m["key"] == "eval_top1"][-1] == 25 / 30
     assert not [k for k in tags if k.startswith(("metric.", "val_", "eval_top"))]
+
+
+def test_two_promotes_at_once_leave_one_champion_and_truthful_decisions(mlflow_server, paired_manifest, tmp_path):
+    """Both processes decide against champion 1 while the test holds the promotion lock; once it is free,
+    one moves the alias and the other sees the champion moved, decides again and reports `unchanged`."""
+    name = "uniformer-race"
+    cfg = tiny_config(mlflow_server, manifest=paired_manifest)
+    client = tracking.client_for(cfg)
+    run_a = fake_training(cfg, val_top1=0.5, seed=0)
+    fake_evaluation(cfg, run_a, paired_manifest, [True, False] * 15)
+    registry.register(cfg, run_a, name)
+    registry.promote(cfg, name)
+    run_b = fake_training(cfg, val_top1=0.9, seed=1)
+    fake_evaluation(cfg, run_b, paired_manifest, [True] * 28 + [False] * 2)
+    registry.register(cfg, run_b, name)
+
+    env = {**os.environ, "PYTHONPATH": str(ROOT)}
+    command = [sys.executable, "-m", "jobs.promote", "--name", name, f"tracking.tracking_uri={mlflow_server}"]
+    with registry.promotion_lock(client, name):
+        procs = []
+        for i in range(2):
+            err = open(tmp_path / f"promote{i}.err", "w")
+            procs.append((subprocess.Popen(command, cwd=ROOT, env=env, stdout=subprocess.PIPE, stderr=err,
+                                           text=True), tmp_path / f"promote{i}.err"))
+        deadline = time.monotonic() + 240
+        while not all("waiting for the promotion lock" in path.read_text() for _, path in procs):
+            assert time.monotonic() < deadline and all(p.poll() is None for p, _ in procs), \
+                [path.read_text()[-2000:] for _, path in procs]
+            time.sleep(0.2)
+    outs = []
+    for proc, path in procs:
+        stdout, _ = proc.communicate(timeout=240)
+        assert proc.returncode == 0, path.read_text()[-3000:]
+        outs.append(json.loads(stdout.strip().splitlines()[-1]))
+    winner, loser = sorted(outs, key=lambda o: o["decision"] != "promoted")
+    assert (winner["decision"], loser["decision"]) == ("promoted", "unchanged")
+    assert winner["champion"]["version"] == 1 and winner["attempts"] == 1
+    assert loser["attempts"] == 2 and "champion 1 -> 2" in loser["notes"][0]
+    assert loser["reason"] == "version 2 is already champion"
+    assert str(client.get_model_version_by_alias(name, "champion").version) == "2"
+    assert client.get_model_version(name, "2").tags["promotion.champion_version"] == "1"
+    assert client.get_model_version(name, "1").tags["promotion.replaced_by"] == "2"
+    assert not [k for k in client.get_registered_model(name).tags if k.startswith(registry.LOCK_PREFIX)]
