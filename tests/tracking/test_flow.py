@@ -9,6 +9,9 @@ import os
 import subprocess
 import sys
 
+import mlflow.artifacts
+import mlflow.pyfunc
+import numpy as np
 
 from pipeline import registry, tracking
 from tests.tracking.conftest import LABELS, ROOT, fake_evaluation, fake_training, tiny_config
@@ -38,6 +41,13 @@ def check_training_run(cfg, run_id: str) -> None:
     assert png[:8] == b"\x89PNG\r\n\x1a\n"
     models = client.search_logged_models([run.info.experiment_id], filter_string=f"source_run_id = '{run_id}'")
     assert sorted(m.name for m in models) == sorted([tracking.PYFUNC_MODEL_NAME, tracking.PYTORCH_MODEL_NAME])
+    for model in models:  # models from code with weights only: nothing that unpickles
+        files = [f.path for f in client.list_logged_model_artifacts(model.model_id)]
+        assert "MLmodel" in files and not [f for f in files if f.endswith((".pkl", ".pickle", ".cloudpickle"))], files
+        mlmodel = mlflow.artifacts.load_text(f"{model.model_uri}/MLmodel")
+        assert "model_code_path:" in mlmodel and "cloudpickle" not in mlmodel.split("pip_requirements")[0]
+    network = mlflow.pyfunc.load_model(f"runs:/{run_id}/{tracking.PYTORCH_MODEL_NAME}")
+    assert network.predict(np.zeros((2, 3, 8, 32, 32), np.float32)).shape == (2, len(LABELS))
 
 
 def library_calls():
@@ -121,7 +131,8 @@ def test_flow_against_mlflow_server_with_s3_artifacts(mlflow_server, s3_bucket, 
     video = f"s3://{bucket}/videos/clip.mp4"
     boto3.client("s3", endpoint_url=endpoint).upload_file(tiny_videos["video"], bucket, "videos/clip.mp4")
     env = {k: v for k, v in os.environ.items() if k != "PYTHONPATH"}
-    env.update(MLFLOW_TRACKING_URI=mlflow_server, AWS_ENDPOINT_URL_S3=endpoint)
+    env.update(MLFLOW_TRACKING_URI=mlflow_server, AWS_ENDPOINT_URL_S3=endpoint,
+               UNIFORMER_SERVE_ALLOWED_PREFIXES=f"s3://{bucket}/videos")
     # A bare interpreter outside the project: the classifier's code must come with the model.
     proc = subprocess.run([sys.executable, "-c", PREDICT_IN_FRESH_PROCESS, "models:/uniformer-server@champion", video],
                           cwd=tmp_path, env=env, capture_output=True, text=True, timeout=300)
