@@ -12,6 +12,7 @@ import sys
 import mlflow.artifacts
 import mlflow.pyfunc
 import numpy as np
+import yaml
 
 from pipeline import registry, tracking
 from tests.tracking.conftest import LABELS, ROOT, fake_evaluation, fake_training, tiny_config
@@ -44,8 +45,9 @@ def check_training_run(cfg, run_id: str) -> None:
     for model in models:  # models from code with weights only: nothing that unpickles
         files = [f.path for f in client.list_logged_model_artifacts(model.model_id)]
         assert "MLmodel" in files and not [f for f in files if f.endswith((".pkl", ".pickle", ".cloudpickle"))], files
-        mlmodel = mlflow.artifacts.load_text(f"{model.model_uri}/MLmodel")
-        assert "model_code_path:" in mlmodel and "cloudpickle" not in mlmodel.split("pip_requirements")[0]
+        flavor = yaml.safe_load(mlflow.artifacts.load_text(f"{model.artifact_location}/MLmodel"))["flavors"]
+        assert set(flavor) == {"python_function"} and flavor["python_function"]["model_code_path"].endswith(".py")
+        assert "python_model" not in flavor["python_function"]  # the key of a pickled (cloudpickle) model
     network = mlflow.pyfunc.load_model(f"runs:/{run_id}/{tracking.PYTORCH_MODEL_NAME}")
     assert network.predict(np.zeros((2, 3, 8, 32, 32), np.float32)).shape == (2, len(LABELS))
 
