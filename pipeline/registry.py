@@ -28,6 +28,7 @@ from mlflow.tracking import MlflowClient
 from pipeline import gate, tracking
 from pipeline import predictions as pred
 from pipeline.config import Config
+from pipeline.storage import StorageError
 
 CHALLENGER, CHAMPION = "challenger", "champion"
 EVAL_KEYS = ("eval_manifest_hash", "eval_manifest_uri", "eval_split")
@@ -193,7 +194,7 @@ def _decide(cfg: Config, client: MlflowClient, name: str, challenger, champion, 
                                    (key.test_clips, key.test_crops), log=not dry_run)
             champ_info["evaluated_now"] = True
         result = gate.compare(ours, theirs, metric=metric)
-    except (RegistryError, gate.GateError, ValueError, OSError) as err:
+    except (RegistryError, StorageError, ValueError, OSError) as err:  # GateError and EvaluationError too
         return Decision("refused", f"cannot compare version {challenger.version} with champion version "
                         f"{champion.version} on manifest {manifest_hash[:12]}, split {split!r}: {err}",
                         ch_info, champ_info)
