@@ -189,7 +189,6 @@ class Evaluation:
     data: DataConfig
     labels: list[str]
     confusion: list[list[int]]
-    model_id: str | None
 
 
 def run_evaluation(cfg: Config, model_uri: str, manifest_uri: str, *, split: str = "val",
@@ -225,7 +224,7 @@ def run_evaluation(cfg: Config, model_uri: str, manifest_uri: str, *, split: str
                               "test_crops": data.test_crops, "source_run_id": loaded.source_run_id,
                               "model_id": loaded.model_id}
     return Evaluation(result, prediction_table(table, videos, key=key, labels=labels), table, data, labels,
-                      confusion, loaded.model_id)
+                      confusion)
 
 
 def evaluate(cfg: Config, model_uri: str, manifest_uri: str, *, split: str = "val",
@@ -275,8 +274,8 @@ def log_evaluation(cfg: Config, evaluation: Evaluation, *, manifest_uri: str) ->
             "code_version": tracking.code_version()}
     if source:
         tags.update({"source_run_id": source, "mlflow.parentRunId": source})
-    if evaluation.model_id:
-        tags["model_id"] = evaluation.model_id
+    if result["model_id"]:
+        tags["model_id"] = result["model_id"]
     run = client.create_run(exp_id, run_name=f"evaluate-{source_name or 'model'}-{result['split']}",
                             tags={k: tracking._param_value(v) for k, v in tags.items()})
     run_id = run.info.run_id
@@ -289,8 +288,8 @@ def log_evaluation(cfg: Config, evaluation: Evaluation, *, manifest_uri: str) ->
         metrics = {k: v for k, v in result.items() if k.startswith("eval_") and isinstance(v, (int, float))}
         tracking.log_dataset_input(client, run_id, evaluation.table, manifest_uri=manifest_uri,
                                    digest=result["manifest_hash"], context="eval", name=dataset)
-        if evaluation.model_id:
-            tracking.log_model_metrics(client, run_id, evaluation.model_id, metrics, dataset_name=dataset,
+        if result["model_id"]:
+            tracking.log_model_metrics(client, run_id, result["model_id"], metrics, dataset_name=dataset,
                                        dataset_digest=result["manifest_hash"][:16])
         else:
             tracking.log_metrics(client, run_id, metrics, 0)

@@ -174,9 +174,9 @@ def fake_evaluation(cfg, run_id: str, manifest_uri: str, correct: list[bool], *,
     unusable = split.count("val") - len(videos)
     result = {**metrics, "eval_videos": len(videos), "eval_unusable": unusable, "eval_views": clips * crops,
               "model_uri": model_uri, "manifest": manifest_uri, "manifest_hash": key.manifest_hash, "split": "val",
-              "test_clips": clips, "test_crops": crops, "source_run_id": run_id}
-    model_id = _model_source(tracking.client_for(cfg), model_uri)[1]
+              "test_clips": clips, "test_crops": crops, "source_run_id": run_id,
+              "model_id": _model_source(tracking.client_for(cfg), model_uri)[1]}
     data = dataclasses.replace(cfg.data, test_clips=clips, test_crops=crops)
     evaluation = Evaluation(result, prediction_table(table, videos, key=key, labels=LABELS), table, data, LABELS,
-                            confusion, model_id)
+                            confusion)
     return log_evaluation(cfg, evaluation, manifest_uri=manifest_uri)
