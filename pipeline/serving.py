@@ -282,7 +282,8 @@ def _log_from_code(code_file: str, state_dict: dict, preprocess: dict[str, Any],
             return mlflow.pyfunc.log_model(
                 name=name, python_model=str(PROJECT_ROOT / "pipeline" / code_file), code_paths=code,
                 signature=signature, input_example=input_example, pip_requirements=pip_requirements(),
-                model_config=model_config, artifacts={"weights": str(folder / WEIGHTS), "preprocess": str(folder / PREPROCESS),
+                model_config=model_config,
+                artifacts={"weights": str(folder / WEIGHTS), "preprocess": str(folder / PREPROCESS),
                            "labels": str(folder / LABELS)},
                 metadata={"preprocess": preprocess, **metadata})
 
