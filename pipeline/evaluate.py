@@ -15,6 +15,7 @@ from __future__ import annotations
 import csv
 import dataclasses
 import io
+import pickle
 import tempfile
 import time
 from dataclasses import dataclass
@@ -100,8 +101,13 @@ def load_model(cfg: Config, model_uri: str) -> LoadedModel:
         net, preprocess, labels = serving.load_bundle(storage.local_path(model_uri))
         return LoadedModel(net, preprocess, labels, None, model_uri)
     target = model_uri if model_uri.endswith((".pt", ".pth")) else storage.join(model_uri, "checkpoint.pt")
-    state = torch.load(io.BytesIO(storage.read_bytes(target, storage=cfg.storage)), map_location="cpu",
-                       weights_only=False)
+    try:  # tensors and plain containers only: a checkpoint is data, and loading it must not run pickled code
+        state = torch.load(io.BytesIO(storage.read_bytes(target, storage=cfg.storage)), map_location="cpu",
+                           weights_only=True)
+    except pickle.UnpicklingError as err:
+        raise EvaluationError(f"{target} holds objects other than tensors and plain values, which would run "
+                              f"code when unpickled ({(str(err).splitlines() or [''])[0][:200]}); save the "
+                              "checkpoint's state dicts and config as plain data") from None
     if not isinstance(state, dict) or "config" not in state or "model_state" not in state:
         raise EvaluationError(f"{target} is not a training checkpoint (no config/model_state); pass runs:/..., "
                               "models:/NAME@alias or a checkpoint folder written by `uniformer train`")

@@ -118,3 +118,19 @@ def test_evaluate_refuses_a_manifest_with_other_labels(embedded, tiny_videos, tm
         evaluate(cfg, str(checkpoint), tiny_videos["manifest"], split="val", log=False)
     with pytest.raises(EvaluationError, match="no 'test' rows; splits: train, val"):
         evaluate(cfg, str(checkpoint), tiny_videos["manifest"], split="test", log=False)
+
+
+class _Payload:
+    """An arbitrary class instance: unpickling it imports and rebuilds it (a malicious one would run code
+    there), which `weights_only` loading refuses."""
+
+
+def test_evaluate_refuses_a_checkpoint_that_would_run_pickled_code(embedded, tiny_videos, tmp_path):
+    from model import create_uniformer
+
+    cfg = tiny_config(manifest=tiny_videos["manifest"])
+    torch.save({"model_state": create_uniformer("uniformer_xs", num_classes=3).state_dict(), "config": cfg.to_dict(),
+                "extra": _Payload()}, tmp_path / "checkpoint.pt")
+    with pytest.raises(EvaluationError, match=r"checkpoint.pt holds objects other than tensors and plain values, "
+                                              r"which would run code when unpickled \(Weights only load failed"):
+        evaluate(cfg, str(tmp_path / "checkpoint.pt"), tiny_videos["manifest"], split="val", log=False)
