@@ -4,8 +4,9 @@
         data.test_clips=4 data.test_crops=1 storage.endpoint_url=http://minio:9000
 
 The model's own preprocessing (frames, sampling, crop, views) is used unless set here. Logged to
-MLflow as a run nested under the training run; ends with one line of JSON (eval_top1, eval_top5,
-eval_mean_class, eval_videos, eval_unusable, eval_run_id, ...).
+MLflow as a run nested under the training run, with one row per video in `predictions.parquet`
+(the evidence `promote` pairs) and the metrics as the logged model's; ends with one line of JSON
+(eval_top1, eval_top5, eval_mean_class, eval_videos, eval_unusable, eval_run_id, model_id, ...).
 """
 
 from __future__ import annotations

@@ -57,8 +57,8 @@ def run_demo(cfg: Config, *, classes: int = 6, videos_per_class: int = 100, seed
     stage(5, f"register a new version of {name} as challenger")
     registered = register(cfg, trained["run_id"], name)
 
-    stage(6, "promote challenger -> champion if it is at least as good")
-    decision = promote(cfg, name, metric="val_top1")
+    stage(6, "promote challenger -> champion if a paired test says it is better (the first one: no champion yet)")
+    decision = promote(cfg, name)
 
     model_uri = f"models:/{name}@champion"
     video = next(iter(sorted((raw / "videos").rglob("*.mp4"))))

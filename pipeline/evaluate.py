@@ -15,6 +15,7 @@ from __future__ import annotations
 import csv
 import dataclasses
 import io
+import pickle
 import tempfile
 import time
 from dataclasses import dataclass
@@ -22,6 +23,7 @@ from pathlib import Path
 from typing import Any
 
 import numpy as np
+import pyarrow.compute as pc
 
 from pipeline import tracking
 from pipeline.config import Config, DataConfig, config_from_dict
@@ -43,22 +45,41 @@ class LoadedModel:
     labels: list[str] | None  # None: take the names from the manifest (checkpoints carry none)
     source_run_id: str | None  # the training run, when known
     model_uri: str
+    model_id: str | None = None  # the MLflow logged model, when known
 
 
-def _source_run_of(client, model_uri: str) -> str | None:
+def version_model_id(version) -> str | None:
+    """The logged model of a registry version: MLflow 3.17 stores it but does not read `model_id` back,
+    while the source of a version made from a logged model is `models:/<model_id>`."""
+    if version.model_id:
+        return version.model_id
+    source = version.source or ""
+    return source[len("models:/"):].split("/", 1)[0] if source.startswith("models:/m-") else None
+
+
+def _model_source(client, model_uri: str) -> tuple[str | None, str | None]:
+    """(training run id, logged model id) of an MLflow model URI, each None when unknown. The model id
+    is what promotion looks evaluations up by: a run has two logged models and many checkpoints."""
     try:
         if model_uri.startswith("runs:/"):
-            return model_uri[len("runs:/"):].split("/", 1)[0]
+            run_id, _, name = model_uri[len("runs:/"):].partition("/")
+            run = client.get_run(run_id)
+            found = client.search_logged_models([run.info.experiment_id], filter_string=(
+                f"source_run_id = '{run_id}' AND name = '{name.strip('/')}'"))
+            return run_id, max(found, key=lambda m: m.creation_timestamp).model_id if found else None
         ref = model_uri[len("models:/"):]
         if ref.startswith("m-"):
-            return client.get_logged_model(ref.split("/", 1)[0]).source_run_id
+            model = client.get_logged_model(ref.split("/", 1)[0])
+            return model.source_run_id, model.model_id
         name, sep, alias = ref.partition("@")
         if sep:
-            return client.get_model_version_by_alias(name, alias).run_id
-        name, _, version = ref.partition("/")
-        return client.get_model_version(name, version).run_id
+            version = client.get_model_version_by_alias(name, alias)
+        else:
+            name, _, number = ref.partition("/")
+            version = client.get_model_version(name, number)
+        return version.run_id, version_model_id(version)
     except Exception:  # noqa: BLE001 - the link is informative; the evaluation goes on without it
-        return None
+        return None, None
 
 
 def load_model(cfg: Config, model_uri: str) -> LoadedModel:
@@ -74,13 +95,19 @@ def load_model(cfg: Config, model_uri: str) -> LoadedModel:
             local = mlflow.artifacts.download_artifacts(artifact_uri=model_uri, dst_path=tmp,
                                                         tracking_uri=client.tracking_uri)
             net, preprocess, labels = serving.load_bundle(local)
-        return LoadedModel(net, preprocess, labels, _source_run_of(client, model_uri), model_uri)
+        run_id, model_id = _model_source(client, model_uri)
+        return LoadedModel(net, preprocess, labels, run_id, model_uri, model_id)
     if not storage.is_s3(model_uri) and (Path(storage.local_path(model_uri)) / "MLmodel").is_file():
         net, preprocess, labels = serving.load_bundle(storage.local_path(model_uri))
         return LoadedModel(net, preprocess, labels, None, model_uri)
     target = model_uri if model_uri.endswith((".pt", ".pth")) else storage.join(model_uri, "checkpoint.pt")
-    state = torch.load(io.BytesIO(storage.read_bytes(target, storage=cfg.storage)), map_location="cpu",
-                       weights_only=False)
+    try:  # tensors and plain containers only: a checkpoint is data, and loading it must not run pickled code
+        state = torch.load(io.BytesIO(storage.read_bytes(target, storage=cfg.storage)), map_location="cpu",
+                           weights_only=True)
+    except pickle.UnpicklingError as err:
+        raise EvaluationError(f"{target} holds objects other than tensors and plain values, which would run "
+                              f"code when unpickled ({(str(err).splitlines() or [''])[0][:200]}); save the "
+                              "checkpoint's state dicts and config as plain data") from None
     if not isinstance(state, dict) or "config" not in state or "model_state" not in state:
         raise EvaluationError(f"{target} is not a training checkpoint (no config/model_state); pass runs:/..., "
                               "models:/NAME@alias or a checkpoint folder written by `uniformer train`")
@@ -158,15 +185,27 @@ def metrics_from_scores(videos: dict[Any, dict], num_classes: int) -> tuple[dict
     return {"eval_top1": top1 / n, "eval_top5": top5 / n, "eval_mean_class": mean_class}, confusion.tolist()
 
 
-def evaluate(cfg: Config, model_uri: str, manifest_uri: str, *, split: str = "val",
-             views: tuple[int, int] | None = None, manifest=None, log: bool = True,
-             batch_size: int | None = None) -> dict[str, Any]:
-    """Evaluate `model_uri` on `split` of the manifest; log it as an MLflow run when `log`."""
+@dataclass
+class Evaluation:
+    """One evaluation: the JSON-able `result` and what is logged beside it."""
+
+    result: dict[str, Any]
+    predictions: Any  # pyarrow.Table, `pipeline.predictions.SCHEMA`
+    table: Any  # the manifest
+    data: DataConfig
+    labels: list[str]
+    confusion: list[list[int]]
+
+
+def run_evaluation(cfg: Config, model_uri: str, manifest_uri: str, *, split: str = "val",
+                   views: tuple[int, int] | None = None, manifest=None,
+                   batch_size: int | None = None) -> Evaluation:
+    """Evaluate `model_uri` on `split` of the manifest; nothing is logged."""
     import torch
 
     from pipeline.manifest import manifest_hash, read_manifest
+    from pipeline.predictions import EvidenceKey, prediction_table
 
-    t0 = time.perf_counter()
     loaded = load_model(cfg, model_uri)
     table = manifest if manifest is not None else read_manifest(manifest_uri, storage=cfg.storage)
     in_split = np.asarray([s == split for s in table.column("split").to_pylist()])
@@ -185,31 +224,46 @@ def evaluate(cfg: Config, model_uri: str, manifest_uri: str, *, split: str = "va
     metrics, confusion = metrics_from_scores(videos, num_classes)
     metrics.update({"eval_videos": len(videos), "eval_unusable": len(unusable),
                     "eval_views": data.test_clips * data.test_crops})
+    key = EvidenceKey(manifest_hash(table), split, data.test_clips, data.test_crops)
     result: dict[str, Any] = {**metrics, "model_uri": model_uri, "manifest": manifest_uri,
-                              "manifest_hash": manifest_hash(table), "split": split, "test_clips": data.test_clips,
-                              "test_crops": data.test_crops, "source_run_id": loaded.source_run_id}
+                              "manifest_hash": key.manifest_hash, "split": split, "test_clips": data.test_clips,
+                              "test_crops": data.test_crops, "source_run_id": loaded.source_run_id,
+                              "model_id": loaded.model_id}
+    return Evaluation(result, prediction_table(table, videos, key=key, labels=labels), table, data, labels,
+                      confusion)
+
+
+def evaluate(cfg: Config, model_uri: str, manifest_uri: str, *, split: str = "val",
+             views: tuple[int, int] | None = None, manifest=None, log: bool = True,
+             batch_size: int | None = None) -> dict[str, Any]:
+    """Evaluate `model_uri` on `split` of the manifest; log it as an MLflow run when `log`."""
+    t0 = time.perf_counter()
+    evaluation = run_evaluation(cfg, model_uri, manifest_uri, split=split, views=views, manifest=manifest,
+                                batch_size=batch_size)
+    result = evaluation.result
     if log:
-        result["eval_run_id"] = log_evaluation(cfg, result, table=table, manifest_uri=manifest_uri, data=data,
-                                               labels=labels, confusion=confusion, unusable=unusable)
+        result["eval_run_id"] = log_evaluation(cfg, evaluation, manifest_uri=manifest_uri)
     result["seconds"] = round(time.perf_counter() - t0, 1)
     return result
 
 
-def unusable_csv(table, unusable: list[int]) -> str:
-    """path, status, reason of each unusable video (rows of `table`)."""
+def unusable_csv(predictions) -> str:
+    """path, status, reason of each unusable video of a prediction table."""
     buf = io.StringIO()
     writer = csv.writer(buf, lineterminator="\n")
     writer.writerow(["path", "status", "reason"])
-    for i in unusable:
-        row = table.slice(i, 1).to_pylist()[0]
-        reason = row.get("reason") if row.get("status") != "ok" else "no view could be decoded at evaluation"
-        writer.writerow([row.get("path"), row.get("status"), reason])
+    for row in predictions.filter(pc.not_equal(predictions["status"], "ok")).to_pylist():
+        writer.writerow([row["path"], row["status"], row["reason"]])
     return buf.getvalue()
 
 
-def log_evaluation(cfg: Config, result: dict[str, Any], *, table, manifest_uri: str, data: DataConfig,
-                   labels: list[str], confusion: list[list[int]], unusable: list[int]) -> str:
-    """One FINISHED run, nested under the training run when known, in that run's experiment."""
+def log_evaluation(cfg: Config, evaluation: Evaluation, *, manifest_uri: str) -> str:
+    """One FINISHED run, nested under the training run when known, in that run's experiment, with the
+    prediction table as `predictions.parquet`. With a known logged model, the metrics are that model's
+    too (MLflow 3 model metrics, keyed by a dataset named after the manifest, split and views)."""
+    from pipeline import predictions as pred
+
+    result, data = evaluation.result, evaluation.data
     client = tracking.client_for(cfg)
     source = result["source_run_id"]
     exp_id, source_name = None, ""
@@ -220,10 +274,14 @@ def log_evaluation(cfg: Config, result: dict[str, Any], *, table, manifest_uri: 
         except Exception:  # noqa: BLE001 - a run of another server: log unlinked
             source = None
     exp_id = exp_id or tracking.experiment_id(client, cfg.tracking.experiment)
+    key = pred.key_of(evaluation.predictions)
+    dataset = f"{tracking.dataset_name(manifest_uri)}/{key.split}/{key.views}"
     tags = {"job": "evaluate", "dataset": tracking.dataset_name(manifest_uri), "model_uri": result["model_uri"],
             "code_version": tracking.code_version()}
     if source:
         tags.update({"source_run_id": source, "mlflow.parentRunId": source})
+    if result["model_id"]:
+        tags["model_id"] = result["model_id"]
     run = client.create_run(exp_id, run_name=f"evaluate-{source_name or 'model'}-{result['split']}",
                             tags={k: tracking._param_value(v) for k, v in tags.items()})
     run_id = run.info.run_id
@@ -233,14 +291,22 @@ def log_evaluation(cfg: Config, result: dict[str, Any], *, table, manifest_uri: 
             "eval.manifest_hash": result["manifest_hash"], "eval.split": result["split"],
             "eval.test_clips": data.test_clips, "eval.test_crops": data.test_crops,
             **{f"data.{k}": getattr(data, k) for k in MODEL_DATA_KEYS if k not in ("test_clips", "test_crops")}})
-        tracking.log_metrics(client, run_id, {k: v for k, v in result.items() if k.startswith("eval_")
-                                              and isinstance(v, (int, float))}, 0)
-        tracking.log_dataset_input(client, run_id, table, manifest_uri=manifest_uri, digest=result["manifest_hash"],
-                                   context="eval")
-        tracking.log_confusion(client, run_id, confusion, labels, prefix="eval_",
+        metrics = {k: v for k, v in result.items() if k.startswith("eval_") and isinstance(v, (int, float))}
+        tracking.log_dataset_input(client, run_id, evaluation.table, manifest_uri=manifest_uri,
+                                   digest=result["manifest_hash"], context="eval", name=dataset)
+        if result["model_id"]:
+            tracking.log_model_metrics(client, run_id, result["model_id"], metrics, dataset_name=dataset,
+                                       dataset_digest=result["manifest_hash"][:16])
+        else:
+            tracking.log_metrics(client, run_id, metrics, 0)
+        tracking.log_confusion(client, run_id, evaluation.confusion, evaluation.labels, prefix="eval_",
                                title=f"{result['split']}: {data.test_clips} clips x {data.test_crops} crops")
-        if unusable:
-            tracking.log_text(client, run_id, unusable_csv(table, unusable), "eval_unusable.csv")
+        with tempfile.TemporaryDirectory() as tmp:
+            path = Path(tmp) / pred.ARTIFACT
+            path.write_bytes(pred.to_parquet_bytes(evaluation.predictions))
+            client.log_artifact(run_id, str(path))
+        if result["eval_unusable"]:
+            tracking.log_text(client, run_id, unusable_csv(evaluation.predictions), "eval_unusable.csv")
     except Exception:
         client.set_terminated(run_id, "FAILED")
         raise

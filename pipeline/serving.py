@@ -1,15 +1,19 @@
-"""The logged models of a training: a PyTorch model and the pyfunc "video classifier".
+"""The logged models of a training: the bare network and the pyfunc "video classifier".
 
 The video classifier takes a DataFrame with a `video` column (local path, `file://` or `s3://`
 URI, or the video's bytes) or a `video_bytes` column, decodes the test views the training
 recipe evaluates with (`test_clips` clips x `test_crops` crops at `short_side`), sums the
 softmax scores and returns per row `label`, `score` (top 1), `labels`, `scores` (top k, the
-`top_k` param, default 5) and `error` (empty, or why the video could not be scored).
+`top_k` param, default 5) and `error` (empty, or why the video could not be scored). URIs and
+paths are read only under the allowed prefixes (UNIFORMER_SERVE_ALLOWED_PREFIXES, or the loader's
+`model_config`); bytes always.
 
-Everything it needs travels with it: the weights, the preprocessing config and the label names
-as artifacts, and the `model/` package plus the few `pipeline/` modules it uses as code, so
-`mlflow.pyfunc.load_model("models:/NAME@champion")` works in a fresh process with no training
-config. S3 endpoints and credentials come from the usual AWS environment variables.
+Both are MLflow "models from code" (`serving_classifier.py`, `serving_network.py`) with the weights
+as a state dict loaded `weights_only=True`: loading runs the project's code shipped with the model,
+never a pickle. Everything they need travels with them: the weights, the preprocessing config and
+the label names as artifacts, and the `model/` package plus the few `pipeline/` modules they use as
+code, so `mlflow.pyfunc.load_model("models:/NAME@champion")` works in a fresh process with no
+training config. S3 endpoints and credentials come from the usual AWS environment variables.
 """
 
 from __future__ import annotations
@@ -126,8 +130,38 @@ def top_k(scores: np.ndarray, labels: Sequence[str], k: int) -> tuple[list[str],
 # The pyfunc model
 
 
-def _video_source(value: Any):
-    """A local path or the bytes of one `video` / `video_bytes` value."""
+ALLOWED_PREFIXES_ENV = "UNIFORMER_SERVE_ALLOWED_PREFIXES"
+
+
+def allowed_prefixes_from_env() -> list[str]:
+    """Comma-separated URI / path prefixes from UNIFORMER_SERVE_ALLOWED_PREFIXES; empty: none allowed."""
+    import os
+
+    return [p.strip() for p in os.environ.get(ALLOWED_PREFIXES_ENV, "").split(",") if p.strip()]
+
+
+def check_allowed(uri: str, prefixes: Sequence[str]) -> None:
+    """Refuse a URI or local path outside `prefixes`: a served model reads with the server's own
+    credentials and file system, so a caller must not choose what it reads. A prefix covers itself
+    and what lies below it (`s3://bucket/clips` covers `s3://bucket/clips/a.mp4`, not `.../clips2`);
+    local paths are compared resolved (no `..` or symbolic-link escape)."""
+    from pipeline import storage
+
+    if storage.is_s3(uri):
+        # S3 keys are literal, but some clients normalise dot segments: refuse them outright.
+        inside = "/../" not in uri + "/" and "/./" not in uri + "/" and any(
+            uri == p.rstrip("/") or uri.startswith(p.rstrip("/") + "/") for p in prefixes if storage.is_s3(p))
+    else:
+        path = Path(storage.local_path(uri)).resolve()
+        roots = [Path(storage.local_path(p)).resolve() for p in prefixes if not storage.is_s3(p)]
+        inside = any(path == root or root in path.parents for root in roots)
+    if not inside:
+        raise PermissionError(f"{uri} is outside the allowed prefixes ({', '.join(prefixes) or 'none'}); send "
+                              f"the video's bytes, or allow its prefix with {ALLOWED_PREFIXES_ENV}")
+
+
+def _video_source(value: Any, allowed: Sequence[str]):
+    """A local path or the bytes of one `video` / `video_bytes` value; URIs and paths only under `allowed`."""
     from pipeline import storage
 
     if isinstance(value, (bytes, bytearray, memoryview)):
@@ -135,6 +169,7 @@ def _video_source(value: Any):
             raise ValueError("empty video bytes")
         return bytes(value)
     if isinstance(value, str) and value:
+        check_allowed(value, allowed)
         # Local files are decoded in place; objects are fetched whole (one request, then seeks in memory).
         return storage.read_bytes(value) if storage.is_s3(value) else storage.local_path(value)
     raise ValueError(f"expected a video URI or bytes, got {type(value).__name__}")
@@ -162,11 +197,13 @@ with warnings.catch_warnings():
         def load_context(self, context) -> None:
             import torch
 
-            self.preprocess = json.loads(Path(context.artifacts["preprocess"]).read_text())
-            self.labels = json.loads(Path(context.artifacts["labels"]).read_text())
-            state = torch.load(context.artifacts["weights"], map_location="cpu", weights_only=True)
+            self.preprocess, self.labels, state = read_artifacts(context.artifacts)
             self.device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
             self.net = build_model(self.preprocess, state, inference=True).to(self.device)
+            # Where URIs may point: the loader's `model_config` (the predict job: the videos it was given),
+            # else the server's environment; bytes are always accepted.
+            config = context.model_config or {}
+            self.allowed = list(config.get("allowed_prefixes") or allowed_prefixes_from_env())
 
         def predict(self, context, model_input, params: dict[str, Any] | None = None):
             import pandas as pd
@@ -178,7 +215,7 @@ with warnings.catch_warnings():
             for value in _row_values(model_input):
                 name = value if isinstance(value, str) else f"<{len(value) if value is not None else 0} bytes>"
                 try:
-                    views = video_views(_video_source(value), self.preprocess)
+                    views = video_views(_video_source(value, self.allowed), self.preprocess)
                     labels, scores = top_k(score_views(self.net, views, self.preprocess, self.device), self.labels, k)
                     out.append({"video": name, "label": labels[0], "score": scores[0], "labels": labels,
                                 "scores": scores, "error": ""})
@@ -187,6 +224,19 @@ with warnings.catch_warnings():
                     out.append({"video": name, "label": "", "score": float("nan"), "labels": [], "scores": [],
                                 "error": f"{type(err).__name__}: {line}"})
             return pd.DataFrame(out, columns=["video", "label", "score", "labels", "scores", "error"])
+
+    class Network(mlflow.pyfunc.PythonModel):
+        """The bare network: float clips (B, 3, T, H, W), normalised, in; logits (B, num_classes) out."""
+
+        def load_context(self, context) -> None:
+            self.preprocess, _, state = read_artifacts(context.artifacts)
+            self.net = build_model(self.preprocess, state)
+
+        def predict(self, context, model_input, params: dict[str, Any] | None = None):
+            import torch
+
+            with torch.inference_mode():
+                return self.net(torch.as_tensor(np.asarray(model_input, dtype=np.float32))).numpy()
 
 
 # ---------------------------------------------------------------------------------------------
@@ -210,25 +260,42 @@ def pytorch_signature(preprocess: dict[str, Any]):
 
     t, c = int(preprocess["num_frames"]), int(preprocess["num_classes"])
     # Height and width are free (any multiple of 32; trained at crop_size); time is the trained clip length.
-    # Unnamed tensors: a named one makes serving inputs a dict, which the PyTorch flavour refuses.
     return ModelSignature(inputs=Schema([TensorSpec(np.dtype(np.float32), (-1, 3, t, -1, -1))]),
                           outputs=Schema([TensorSpec(np.dtype(np.float32), (-1, c))]))
 
 
-def log_pytorch_model(state_dict: dict, preprocess: dict[str, Any], labels: Sequence[str], *, name: str):
-    """The network as a pickled PyTorch model (`mlflow.pytorch`), with its code (`model/`), a tensor
-    signature (B, 3, T, H, W) -> (B, num_classes) and a small input example (a mid-grey clip at the
-    smallest legal size: an example at the full crop would be tens of MB of JSON)."""
-    import mlflow.pytorch
+def _log_from_code(code_file: str, state_dict: dict, preprocess: dict[str, Any], labels: Sequence[str], *,
+                   name: str, signature, input_example, metadata: dict[str, Any],
+                   model_config: dict[str, Any] | None = None):
+    """A pyfunc logged as MLflow "models from code": loading it runs `code_file` (shipped with it) and
+    reads the weights with `weights_only=True`; nothing is pickled, so nothing unpickled runs code."""
+    import torch
 
-    net = build_model(preprocess, state_dict)
-    example = np.zeros((1, 3, int(preprocess["num_frames"]), 32, 32), dtype=np.float32)
     with tempfile.TemporaryDirectory() as tmp:
-        code = _stage_code(Path(tmp))[:1]
-        return mlflow.pytorch.log_model(
-            net, name=name, serialization_format="pickle", code_paths=code, signature=pytorch_signature(preprocess),
-            input_example=example, pip_requirements=pip_requirements(),
-            metadata={"preprocess": preprocess, "labels": list(labels)})
+        folder = Path(tmp)
+        torch.save({k: v.detach().cpu() for k, v in state_dict.items()}, folder / WEIGHTS)
+        (folder / PREPROCESS).write_text(json.dumps(preprocess, indent=1) + "\n")
+        (folder / LABELS).write_text(json.dumps(list(labels), indent=1) + "\n")
+        code = _stage_code(folder / "code")
+        with warnings.catch_warnings():
+            warnings.simplefilter("ignore", UserWarning)  # "add type hints to predict": the signature covers it
+            return mlflow.pyfunc.log_model(
+                name=name, python_model=str(PROJECT_ROOT / "pipeline" / code_file), code_paths=code,
+                signature=signature, input_example=input_example, pip_requirements=pip_requirements(),
+                model_config=model_config,
+                artifacts={"weights": str(folder / WEIGHTS), "preprocess": str(folder / PREPROCESS),
+                           "labels": str(folder / LABELS)},
+                metadata={"preprocess": preprocess, **metadata})
+
+
+def log_pytorch_model(state_dict: dict, preprocess: dict[str, Any], labels: Sequence[str], *, name: str):
+    """The bare network (`Network`): weights only plus the preprocessing config that rebuilds it
+    (`build_model`), a tensor signature (B, 3, T, H, W) -> (B, num_classes) and a small input example (a
+    mid-grey clip at the smallest legal size: one at the full crop would be tens of MB of JSON)."""
+    example = np.zeros((1, 3, int(preprocess["num_frames"]), 32, 32), dtype=np.float32)
+    return _log_from_code("serving_network.py", state_dict, preprocess, labels, name=name,
+                          signature=pytorch_signature(preprocess), input_example=example,
+                          metadata={"labels": list(labels)})
 
 
 def pyfunc_signature():
@@ -245,43 +312,52 @@ def pyfunc_signature():
         params=ParamSchema([ParamSpec("top_k", DataType.long, DEFAULT_TOP_K)]))
 
 
+def example_video(preprocess: dict[str, Any]) -> bytes:
+    """A tiny mid-grey H.264 clip of one test window: the input example, which every reader of the model
+    can decode (a URI would point where the reader may not reach)."""
+    from pipeline.synth import encode_h264
+
+    frames = int(preprocess["num_frames"]) * (int(preprocess["sampling_rate"]) if preprocess["sampling"] == "dense"
+                                               else 1)
+    return encode_h264(np.full((frames, 32, 32, 3), 128, dtype=np.uint8), crf=40)
+
+
 def log_pyfunc_model(state_dict: dict, preprocess: dict[str, Any], labels: Sequence[str], *, name: str,
                      metadata: dict[str, Any] | None = None):
-    """The video classifier, its weights, preprocessing config and label names as artifacts."""
-    import torch
+    """The video classifier (`VideoClassifier`) with its weights, preprocessing config and label names,
+    and a tiny video's bytes as input example (base64 in the serving example)."""
+    import pandas as pd
 
-    with tempfile.TemporaryDirectory() as tmp:
-        folder = Path(tmp)
-        torch.save({k: v.detach().cpu() for k, v in state_dict.items()}, folder / WEIGHTS)
-        (folder / PREPROCESS).write_text(json.dumps(preprocess, indent=1) + "\n")
-        (folder / LABELS).write_text(json.dumps(list(labels), indent=1) + "\n")
-        code = _stage_code(folder / "code")
-        with warnings.catch_warnings():
-            # "add type hints to predict" and "no input example": the explicit signature covers both,
-            # and an example would have to be a video file every reader of the model can reach.
-            warnings.simplefilter("ignore", UserWarning)
-            return mlflow.pyfunc.log_model(
-                name=name, python_model=VideoClassifier(), code_paths=code, signature=pyfunc_signature(),
-                artifacts={"weights": str(folder / WEIGHTS), "preprocess": str(folder / PREPROCESS),
-                           "labels": str(folder / LABELS)},
-                pip_requirements=pip_requirements(), metadata={"preprocess": preprocess, **(metadata or {})})
+    return _log_from_code("serving_classifier.py", state_dict, preprocess, labels, name=name,
+                          signature=pyfunc_signature(),
+                          input_example=pd.DataFrame({"video_bytes": [example_video(preprocess)]}),
+                          metadata=metadata or {},
+                          # Declared so that a loader may set it; empty: UNIFORMER_SERVE_ALLOWED_PREFIXES decides.
+                          model_config={"allowed_prefixes": []})
 
 
 # ---------------------------------------------------------------------------------------------
 # Reading a logged classifier back without the pyfunc machinery (evaluation)
 
 
-def load_bundle(model_dir: str | Path):
-    """(network, preprocess, labels) from a downloaded video-classifier model folder."""
+def read_artifacts(artifacts: dict[str, str]) -> tuple[dict[str, Any], list[str], dict]:
+    """(preprocess, labels, state dict) from the model's artifact files. The weights are loaded with
+    `weights_only=True`: tensors only, no pickled code runs."""
     import torch
 
-    artifacts = Path(model_dir) / "artifacts"
-    if not (artifacts / PREPROCESS).is_file():
+    preprocess = json.loads(Path(artifacts["preprocess"]).read_text())
+    labels = json.loads(Path(artifacts["labels"]).read_text())
+    return preprocess, labels, torch.load(artifacts["weights"], map_location="cpu", weights_only=True)
+
+
+def load_bundle(model_dir: str | Path):
+    """(network, preprocess, labels) from a downloaded video-classifier model folder."""
+    folder = Path(model_dir) / "artifacts"
+    if not (folder / PREPROCESS).is_file():
         raise ValueError(f"{model_dir} is not a video-classifier model (no artifacts/{PREPROCESS}); "
                          "pass the pyfunc model logged by training (…/video_classifier) or a checkpoint")
-    preprocess = json.loads((artifacts / PREPROCESS).read_text())
-    labels = json.loads((artifacts / LABELS).read_text())
-    state = torch.load(artifacts / WEIGHTS, map_location="cpu", weights_only=True)
+    preprocess, labels, state = read_artifacts({"preprocess": str(folder / PREPROCESS),
+                                                "labels": str(folder / LABELS), "weights": str(folder / WEIGHTS)})
     return build_model(preprocess, state, inference=True), preprocess, labels
 
 
@@ -290,6 +366,6 @@ def predict_videos(model_uri: str, videos: Sequence[str], *, top_k: int = DEFAUL
     one dict per video with `label`, `score`, `labels`, `scores` and `error` ("" when fine)."""
     import pandas as pd
 
-    model = mlflow.pyfunc.load_model(model_uri)
+    model = mlflow.pyfunc.load_model(model_uri, model_config={"allowed_prefixes": list(videos)})
     frame = model.predict(pd.DataFrame({"video": list(videos)}), params={"top_k": top_k})
     return frame.to_dict(orient="records")

@@ -332,14 +332,16 @@ def dataset_labels(cfg: Config, manifest=None) -> list[str]:
 
 
 def log_dataset_input(client: MlflowClient, run_id: str, table, *, manifest_uri: str, digest: str,
-                      context: str) -> None:
-    """The manifest as a run input (MLflow's Datasets tab), its source the manifest's URI."""
+                      context: str, name: str | None = None) -> None:
+    """The manifest as a run input (MLflow's Datasets tab), its source the manifest's URI; `name`
+    defaults to the dataset's folder name."""
     import mlflow.data
 
     with warnings.catch_warnings():
         warnings.simplefilter("ignore")  # schema hints and "source interpreted in multiple ways"
         dataset = mlflow.data.from_pandas(table.to_pandas(), source=redact(manifest_file_uri(manifest_uri)),
-                                          name=dataset_name(manifest_uri), targets="label", digest=digest[:16])
+                                          name=name or dataset_name(manifest_uri), targets="label",
+                                         digest=digest[:16])
         entity = dataset._to_mlflow_entity()
     client.log_inputs(run_id, [DatasetInput(entity, tags=[InputTag("mlflow.data.context", context)])])
 
@@ -557,5 +559,20 @@ def finish_training_run(cfg: Config, run_id: str, checkpoint_state: dict, labels
         pyfunc_info = serving.log_pyfunc_model(state_dict, preprocess, labels, name=PYFUNC_MODEL_NAME,
                                                metadata={"pytorch_model_uri": pytorch_info.model_uri,
                                                          "code_version": code_version()})
+    manifest_hash = client.get_run(run_id).data.params.get("data.manifest_hash")
+    val_metrics = {k: v for k, v in last_val.items() if k.startswith("val_") and isinstance(v, (int, float))}
+    if manifest_hash and val_metrics:  # training validates 1 clip x 1 crop per video
+        log_model_metrics(client, run_id, pyfunc_info.model_id, val_metrics, step=checkpoint_state.get("step", 0),
+                          dataset_name=f"{dataset_name(cfg.data.manifest)}/{cfg.data.val_split}/1x1",
+                          dataset_digest=manifest_hash[:16])
     client.set_terminated(run_id, "FINISHED")
     return {"run_id": run_id, "pytorch_model_uri": pytorch_info.model_uri, "model_uri": pyfunc_info.model_uri}
+
+
+def log_model_metrics(client: MlflowClient, run_id: str, model_id: str, metrics: dict[str, float], *,
+                      dataset_name: str, dataset_digest: str, step: int = 0) -> None:
+    """Metrics of the run that are also the logged model's (MLflow 3 model metrics): the registry shows
+    them on every version of that model, keyed by the dataset, rather than as version tags."""
+    now = int(time.time() * 1000)
+    client.log_batch(run_id, metrics=[Metric(k, float(v), now, step, model_id=model_id, dataset_name=dataset_name,
+                                             dataset_digest=dataset_digest) for k, v in metrics.items()])

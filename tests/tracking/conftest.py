@@ -3,6 +3,7 @@ server), the embedded default, tiny configs, a hand-made "trained" model and a f
 
 from __future__ import annotations
 
+import dataclasses
 import os
 import subprocess
 import sys
@@ -133,3 +134,49 @@ def tiny_videos(tmp_path_factory):
     write_manifest(rows, str(folder / "prepared"))
     return {"root": folder, "manifest": str(folder / "prepared"), "labels": names, "rows": rows,
             "video": rows[0]["path"]}
+
+
+@pytest.fixture(scope="session")
+def paired_manifest(tiny_videos, tmp_path_factory):
+    """A manifest with 30 usable val rows (the tiny videos again under new row numbers), enough videos
+    for a paired test to reach significance, plus the tiny set's train rows and unusable val rows."""
+    from pipeline.manifest import write_manifest
+
+    rows = list(tiny_videos["rows"])
+    usable = [r for r in rows if r["status"] == "ok" and r["split"] == "train"]
+    for i in range(30):
+        rows.append({**usable[i % len(usable)], "index": len(rows), "split": "val"})
+    folder = tmp_path_factory.mktemp("paired") / "prepared"
+    write_manifest(rows, str(folder))
+    return str(folder)
+
+
+def fake_evaluation(cfg, run_id: str, manifest_uri: str, correct: list[bool], *, clips: int = 2, crops: int = 1) -> str:
+    """An evaluation run of the run's video classifier as `uniformer evaluate` logs it, with the top-1
+    outcome of the first len(correct) usable val videos (in manifest order) given by `correct` instead
+    of measured; the others are undecodable."""
+    from pipeline import tracking
+    from pipeline.evaluate import Evaluation, _model_source, log_evaluation, metrics_from_scores
+    from pipeline.manifest import manifest_hash, read_manifest
+    from pipeline.predictions import EvidenceKey, prediction_table
+
+    table = read_manifest(manifest_uri)
+    split, status, labels = (table.column(c).to_pylist() for c in ("split", "status", "label"))
+    usable = [(i, labels[i]) for i in range(len(labels)) if split[i] == "val" and status[i] == "ok"]
+    videos = {}
+    for (i, label), right in zip(usable, correct):
+        scores = np.full(len(LABELS), 0.1)
+        scores[label if right else (label + 1) % len(LABELS)] = 0.8
+        videos[i] = {"scores": scores * clips * crops, "views": clips * crops, "label": label}
+    metrics, confusion = metrics_from_scores(videos, len(LABELS))
+    model_uri = f"runs:/{run_id}/video_classifier"
+    key = EvidenceKey(manifest_hash(table), "val", clips, crops)
+    unusable = split.count("val") - len(videos)
+    result = {**metrics, "eval_videos": len(videos), "eval_unusable": unusable, "eval_views": clips * crops,
+              "model_uri": model_uri, "manifest": manifest_uri, "manifest_hash": key.manifest_hash, "split": "val",
+              "test_clips": clips, "test_crops": crops, "source_run_id": run_id,
+              "model_id": _model_source(tracking.client_for(cfg), model_uri)[1]}
+    data = dataclasses.replace(cfg.data, test_clips=clips, test_crops=crops)
+    evaluation = Evaluation(result, prediction_table(table, videos, key=key, labels=LABELS), table, data, LABELS,
+                            confusion)
+    return log_evaluation(cfg, evaluation, manifest_uri=manifest_uri)

@@ -1,5 +1,6 @@
-"""Multi-view evaluation on Ray Data (CPU), its MLflow run, and promotion gates that need it: the
-champion evaluated on the challenger's manifest, and a refusal when that manifest has changed."""
+"""Multi-view evaluation on Ray Data (CPU), its MLflow run and prediction table, and promotion gates that
+need it: both versions evaluated on the challenger's manifest (a dry run logging nothing), and a refusal
+when that manifest has changed."""
 
 from __future__ import annotations
 
@@ -10,7 +11,7 @@ import torch
 
 from jobs import evaluate as evaluate_job
 from jobs import promote as promote_job
-from pipeline import registry, tracking
+from pipeline import predictions, registry, tracking
 from pipeline.evaluate import EvaluationError, evaluate
 from pipeline.manifest import manifest_hash, read_manifest, write_manifest
 from tests.tracking.conftest import fake_training, tiny_config
@@ -44,9 +45,11 @@ def test_evaluate_register_and_promote_against_an_evaluated_champion(ray_local, 
     assert eval_run.data.params["eval.manifest_hash"] == result["manifest_hash"]
     assert eval_run.data.metrics["eval_top1"] == result["eval_top1"]
     artifacts = {a.path for a in client.list_artifacts(eval_run.info.run_id)}
-    assert artifacts == {"eval_confusion_matrix.png", "eval_per_class_accuracy.csv", "eval_unusable.csv"}
+    assert artifacts == {"eval_confusion_matrix.png", "eval_per_class_accuracy.csv", "eval_unusable.csv",
+                         "predictions.parquet"}
     unusable = open(client.download_artifacts(eval_run.info.run_id, "eval_unusable.csv")).read()
-    assert "broken.mp4,unreadable,moov atom not found" in unusable and "garbage.mp4,ok," in unusable
+    assert "broken.mp4,unreadable,moov atom not found" in unusable
+    assert "garbage.mp4,undecodable,no view could be decoded at evaluation" in unusable
 
     # The same weights from a training checkpoint give the same scores.
     checkpoint = tmp_path / "checkpoint"
@@ -61,18 +64,33 @@ def test_evaluate_register_and_promote_against_an_evaluated_champion(ray_local, 
     assert from_checkpoint["eval_top1"] == result["eval_top1"]
 
     first = registry.register(cfg, run_a, name)
-    assert first["eval_top1"] == result["eval_top1"]  # the run's evaluation travels with the version
+    evaluated = [m for m in first["model_metrics"] if m["key"] == "eval_top1"]
+    assert evaluated == [{"key": "eval_top1", "value": result["eval_top1"], "dataset": "prepared/val/2x1",
+                          "run_id": result["eval_run_id"]}]  # the evaluation is the version's model metric
     assert registry.promote(cfg, name)["decision"] == "promoted"
+    table = predictions.read(client.download_artifacts(eval_run.info.run_id, predictions.ARTIFACT, str(tmp_path)))
+    assert table.num_rows == 5 and table.column("status").to_pylist().count("ok") == 3
+    assert sum(table.column("correct").to_pylist()[:3]) / 3 == result["eval_top1"]
 
-    # A challenger validated on another manifest: the champion is evaluated on it (1 view, as validation).
+    # A challenger trained on another manifest, evaluated by nobody: promote evaluates both versions on
+    # it with the challenger's views; a dry run of that first, which writes nothing.
     manifest_b = _manifest_variant(tiny_videos, tmp_path / "prepared_b", extra_rows=1)
     cfg_b = tiny_config(manifest=manifest_b)
     registry.register(cfg_b, fake_training(cfg_b, val_top1=1.0, seed=1), name)
-    decision = registry.promote(cfg_b, name, min_delta=0.0)
-    assert decision["decision"] == "promoted", decision
-    assert decision["champion"]["evaluated_now"] and 0 <= decision["champion"]["val_top1"] <= 1
+    experiments = [e.experiment_id for e in client.search_experiments()]
+    runs_before = len(client.search_runs(experiments))
+    files_before = sorted((embedded / "mlartifacts").rglob("*"))
+    dry = registry.promote(cfg_b, name, dry_run=True)
+    assert dry["challenger"]["evaluated_now"] and dry["champion"]["evaluated_now"] and dry["test"]
+    assert len(client.search_runs(experiments)) == runs_before
+    assert sorted((embedded / "mlartifacts").rglob("*")) == files_before
+    decision = registry.promote(cfg_b, name)
+    assert decision["decision"] == "rejected" and decision["views"] == "2x1", decision  # 3 videos prove nothing
+    assert decision["test"]["paired_videos"] == 3 and decision["test"] == dry["test"]
     digest = manifest_hash(read_manifest(manifest_b))
-    assert f"metric.{digest[:12]}.val.val_top1" in client.get_model_version(name, "1").tags
+    assert registry.find_evidence(client, client.get_model_version(name, "1"), digest, "val", (2, 1)) is not None
+    again = registry.promote(cfg_b, name)  # the evaluations are now logged evidence: nothing evaluated again
+    assert "evaluated_now" not in again["champion"] and again["test"] == decision["test"]
 
     # A challenger whose manifest changed after it was measured: refused, champion kept.
     manifest_c = _manifest_variant(tiny_videos, tmp_path / "prepared_c", extra_rows=2)
@@ -85,7 +103,7 @@ def test_evaluate_register_and_promote_against_an_evaluated_champion(ray_local, 
     assert exited.value.code == 1
     refused = json.loads(capsys.readouterr().out.strip().splitlines()[-1])
     assert refused["decision"] == "refused" and "has changed" in refused["reason"]
-    assert str(client.get_model_version_by_alias(name, "champion").version) == "2"
+    assert str(client.get_model_version_by_alias(name, "champion").version) == "1"
     assert client.get_model_version(name, "3").tags["promotion.decision"] == "refused"
 
 
@@ -100,3 +118,19 @@ def test_evaluate_refuses_a_manifest_with_other_labels(embedded, tiny_videos, tm
         evaluate(cfg, str(checkpoint), tiny_videos["manifest"], split="val", log=False)
     with pytest.raises(EvaluationError, match="no 'test' rows; splits: train, val"):
         evaluate(cfg, str(checkpoint), tiny_videos["manifest"], split="test", log=False)
+
+
+class _Payload:
+    """An arbitrary class instance: unpickling it imports and rebuilds it (a malicious one would run code
+    there), which `weights_only` loading refuses."""
+
+
+def test_evaluate_refuses_a_checkpoint_that_would_run_pickled_code(embedded, tiny_videos, tmp_path):
+    from model import create_uniformer
+
+    cfg = tiny_config(manifest=tiny_videos["manifest"])
+    torch.save({"model_state": create_uniformer("uniformer_xs", num_classes=3).state_dict(), "config": cfg.to_dict(),
+                "extra": _Payload()}, tmp_path / "checkpoint.pt")
+    with pytest.raises(EvaluationError, match=r"checkpoint.pt holds objects other than tensors and plain values, "
+                                              r"which would run code when unpickled \(Weights only load failed"):
+        evaluate(cfg, str(tmp_path / "checkpoint.pt"), tiny_videos["manifest"], split="val", log=False)

@@ -18,8 +18,11 @@ def test_registry_errors_say_what_to_do(embedded):
     with pytest.raises(registry.RegistryError, match="has no logged model 'video_classifier': was the training "
                                                      "finished"):
         registry.register(cfg, unfinished, "x")
-    with pytest.raises(registry.RegistryError, match="'loss' is not a validation or evaluation metric"):
-        registry.promote(cfg, "x", metric="loss")
+    with pytest.raises(registry.RegistryError, match="metric 'val_top1' has no paired test; use eval_top1 or "
+                                                     "eval_top5"):
+        registry.promote(cfg, "x", metric="val_top1")
+    with pytest.raises(registry.RegistryError, match=r"confidence 1.0 is outside \[0.5, 1\); 0.95 promotes when"):
+        registry.promote(cfg, "x", confidence=1.0)
 
 
 def test_finish_training_run_wants_one_label_per_class(embedded):

@@ -1,8 +1,16 @@
-"""The pyfunc video classifier: the same views as evaluation, bytes or URIs in, one bad video per row."""
+"""The pyfunc video classifier: the same views as evaluation, bytes or URIs in (URIs only under allowed
+prefixes), one bad video per row, and MLflow's own model server answering requests."""
 
 from __future__ import annotations
 
+import base64
 import dataclasses
+import json
+import os
+import subprocess
+import sys
+import time
+import urllib.request
 from pathlib import Path
 
 import mlflow.artifacts
@@ -14,6 +22,7 @@ import torch
 from pipeline import serving
 from pipeline.clips import make_clip_rows
 from pipeline.config import StorageConfig
+from tests.conftest import free_port, wait_for_http
 from tests.tracking.conftest import LABELS, fake_training, tiny_config
 
 
@@ -36,13 +45,15 @@ def test_uniform_sampling_is_served_too(tiny_videos):
                                   np.stack([r["clip"] for r in rows]))
 
 
-def test_classifier_takes_uris_or_bytes_and_reports_bad_videos(embedded, tiny_videos):
+def test_classifier_takes_uris_or_bytes_and_reports_bad_videos(embedded, tiny_videos, monkeypatch):
     cfg = tiny_config()
     run_id = fake_training(cfg, val_top1=0.5)
+    videos = tiny_videos["root"] / "videos"
+    monkeypatch.setenv(serving.ALLOWED_PREFIXES_ENV, f"s3://other-bucket/clips, {videos}")
     model = mlflow.pyfunc.load_model(f"runs:/{run_id}/video_classifier")
     data = open(tiny_videos["video"], "rb").read()
-    garbage = str(tiny_videos["root"] / "videos/garbage.mp4")
-    out = model.predict(pd.DataFrame({"video": [tiny_videos["video"], data, garbage, "/no/such.mp4"]}),
+    garbage = str(videos / "garbage.mp4")
+    out = model.predict(pd.DataFrame({"video": [tiny_videos["video"], data, garbage, str(videos / "no/such.mp4")]}),
                         params={"top_k": 3})
     assert list(out.columns) == ["video", "label", "score", "labels", "scores", "error"]
     assert out["error"][0] == "" and out["error"][1] == "" and out["video"][1] == f"<{len(data)} bytes>"
@@ -50,7 +61,22 @@ def test_classifier_takes_uris_or_bytes_and_reports_bad_videos(embedded, tiny_vi
     np.testing.assert_allclose(out["scores"][0], out["scores"][1])
     assert out["label"][0] == out["labels"][0][0] and abs(sum(out["scores"][0]) - 1) < 1e-4
     assert out["error"][2].startswith("DecodeError") and out["labels"][2] == []
-    assert "no/such.mp4" in out["error"][3]
+    assert "no/such.mp4" in out["error"][3] and "PermissionError" not in out["error"][3]
+
+    # Outside the allowed prefixes: refused per row, before anything is read.
+    outside = [str(tiny_videos["root"] / "train.txt"), f"{videos}/../train.txt", f"{videos}2/x.mp4",
+               "s3://other-bucket/clips2/a.mp4", "s3://other-bucket/clips/../secret.mp4", "s3://bucket/clips/a.mp4"]
+    refused = model.predict(pd.DataFrame({"video": outside}))
+    for uri, error in zip(outside, refused["error"]):
+        assert error.startswith(f"PermissionError: {uri} is outside the allowed prefixes (s3://other-bucket/clips, "
+                                f"{videos}); send the video's bytes"), error
+    monkeypatch.delenv(serving.ALLOWED_PREFIXES_ENV)
+    closed = mlflow.pyfunc.load_model(f"runs:/{run_id}/video_classifier")
+    assert "outside the allowed prefixes (none)" in closed.predict(pd.DataFrame({"video": [tiny_videos["video"]]}))[
+        "error"][0]
+    own = mlflow.pyfunc.load_model(f"runs:/{run_id}/video_classifier",
+                                   model_config={"allowed_prefixes": [tiny_videos["video"]]})
+    assert own.predict(pd.DataFrame({"video": [tiny_videos["video"]]}))["error"][0] == ""
     by_bytes = model.predict(pd.DataFrame({"video_bytes": [data]}))
     assert by_bytes["label"][0] == out["label"][0] and len(by_bytes["labels"][0]) == 3  # top 5 of 3 classes
 
@@ -71,3 +97,59 @@ def test_served_network_has_folded_batchnorms_and_the_same_scores(embedded, tiny
     np.testing.assert_allclose(serving.score_views(folded, views, classifier.preprocess, cpu),
                                serving.score_views(plain, views, classifier.preprocess, cpu), atol=1e-5)
     assert not plain.batchnorm_folded and plain.state_dict().keys() == state.keys()
+
+
+def test_mlflow_models_serve_answers_bytes_and_allowed_uris(embedded, tiny_videos, tmp_path):
+    """`mlflow models serve -m models:/NAME@champion --env-manager local` in its own process: a request with
+    the video's bytes (base64), one with an allowed path, one with a path it must not read; and the model's
+    own serving input example works as a request."""
+    from pipeline import registry, tracking
+
+    cfg = tiny_config(manifest=tiny_videos["manifest"])
+    name = "uniformer-served"
+    registry.register(cfg, fake_training(cfg, val_top1=0.5), name)
+    registry.promote(cfg, name)
+    videos = tiny_videos["root"] / "videos"
+    port = free_port()
+    # The server runs `uvicorn` from PATH: this interpreter's environment's.
+    env = {**os.environ, "MLFLOW_TRACKING_URI": tracking.tracking_uri(cfg),
+           serving.ALLOWED_PREFIXES_ENV: str(videos / "right"),
+           "PATH": f"{Path(sys.executable).parent}{os.pathsep}{os.environ.get('PATH', '')}"}
+    log = open(tmp_path / "serve.log", "wb")
+    proc = subprocess.Popen([sys.executable, "-m", "mlflow", "models", "serve", "-m", f"models:/{name}@champion",
+                             "--env-manager", "local", "--host", "127.0.0.1", "--port", str(port)],
+                            cwd=tmp_path, env=env, stdout=log, stderr=subprocess.STDOUT)
+    try:
+        deadline = time.monotonic() + 180
+        while True:
+            assert proc.poll() is None, (tmp_path / "serve.log").read_text()[-3000:]
+            try:
+                wait_for_http(f"http://127.0.0.1:{port}/ping", timeout_s=2)
+                break
+            except RuntimeError:
+                assert time.monotonic() < deadline, (tmp_path / "serve.log").read_text()[-3000:]
+
+        def invoke(body: dict) -> list[dict]:
+            request = urllib.request.Request(f"http://127.0.0.1:{port}/invocations", data=json.dumps(body).encode(),
+                                             headers={"Content-Type": "application/json"})
+            with urllib.request.urlopen(request, timeout=120) as response:
+                return json.loads(response.read())["predictions"]
+
+        data = open(tiny_videos["video"], "rb").read()
+        by_bytes = invoke({"dataframe_split": {"columns": ["video_bytes"],
+                                               "data": [[base64.b64encode(data).decode()]]}, "params": {"top_k": 2}})
+        assert by_bytes[0]["error"] == "" and len(by_bytes[0]["labels"]) == 2
+        by_uri = invoke({"dataframe_records": [{"video": tiny_videos["video"]},
+                                               {"video": str(videos / "left" / "left_0000.mp4")}]})
+        assert by_uri[0]["error"] == "" and by_uri[0]["labels"] == [*by_bytes[0]["labels"], *by_uri[0]["labels"][2:]]
+        assert by_uri[1]["error"].startswith("PermissionError: ")
+        assert "outside the allowed prefixes" in by_uri[1]["error"]
+
+        local = Path(mlflow.artifacts.download_artifacts(f"models:/{name}@champion", dst_path=str(tmp_path / "m")))
+        example = json.loads((local / "serving_input_example.json").read_text())
+        assert list(example) == ["dataframe_split"] and example["dataframe_split"]["columns"] == ["video_bytes"]
+        assert invoke(example)[0]["error"] == ""
+    finally:
+        proc.terminate()
+        proc.wait(timeout=30)
+        log.close()
