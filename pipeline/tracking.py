@@ -62,9 +62,20 @@ _MIN_SECRET_LEN = 6  # shorter values ("1", "token") would redact ordinary words
 REDACTED = "***"
 
 
+def _environ_snapshot() -> dict[str, str]:
+    """A copy of os.environ. MLflow's telemetry thread sets and deletes variables while others read
+    them, and a copy taken meanwhile raises KeyError or RuntimeError: take it again."""
+    for _ in range(100):
+        try:
+            return dict(os.environ)
+        except (KeyError, RuntimeError):
+            continue
+    return dict(os.environ)
+
+
 def secret_values() -> list[str]:
     """Values of environment variables whose names look secret, longest first."""
-    values = {v for k, v in os.environ.items() if _SECRET_NAME.search(k) and len(v) >= _MIN_SECRET_LEN}
+    values = {v for k, v in _environ_snapshot().items() if _SECRET_NAME.search(k) and len(v) >= _MIN_SECRET_LEN}
     return sorted(values, key=len, reverse=True)
 
 

@@ -135,8 +135,9 @@ def memory_batches(cfg: Config, micro_batch: int, seed: int, pin: bool = False):
 
 
 def load_checkpoint_state(checkpoint: ray.train.Checkpoint) -> dict:
+    """A training checkpoint: tensors and plain values only, so it loads without unpickling code."""
     with checkpoint.as_directory() as directory:
-        return torch.load(Path(directory) / CHECKPOINT_FILE, map_location="cpu", weights_only=False)
+        return torch.load(Path(directory) / CHECKPOINT_FILE, map_location="cpu", weights_only=True)
 
 
 @dataclasses.dataclass

@@ -60,3 +60,27 @@ def test_no_secret_reaches_params_tags_metrics_or_artifacts(mlflow_server, s3_bu
     for secret in [*SECRETS.values(), URL_PASSWORD, server_secret]:
         leaks = [where for where, data in texts if secret.encode() in data]
         assert not leaks, f"{secret!r} leaked into {leaks}"
+
+
+def test_secret_values_survive_a_thread_that_edits_the_environment(monkeypatch):
+    import os
+    import threading
+
+    from pipeline import tracking
+
+    monkeypatch.setenv("SOME_API_TOKEN", "token-value-123")
+    stop = threading.Event()
+
+    def churn():  # what MLflow's telemetry thread does to os.environ
+        while not stop.is_set():
+            os.environ["_CHURN_VARIABLE"] = "x"
+            os.environ.pop("_CHURN_VARIABLE", None)
+
+    thread = threading.Thread(target=churn, daemon=True)
+    thread.start()
+    try:
+        for _ in range(2000):
+            assert "token-value-123" in tracking.secret_values()
+    finally:
+        stop.set()
+        thread.join()
