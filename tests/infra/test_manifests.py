@@ -288,6 +288,9 @@ def test_cluster_layout(kind):
         assert "secretKeyRef" in {e["name"]: e for e in ray_container["env"]}["MLFLOW_TRACKING_PASSWORD"]["valueFrom"]
     head_env = {e["name"] for e in head["containers"][0]["env"]}
     assert {"RAY_PROMETHEUS_HOST", "RAY_GRAFANA_HOST", "RAY_GRAFANA_IFRAME_HOST"} <= head_env
+    # KubeRay (utils/validation.go) refuses these next to gcsFaultToleranceOptions.
+    assert not head_env & {"RAY_REDIS_ADDRESS", "REDIS_PASSWORD", "REDIS_USERNAME", "RAY_external_storage_namespace"}
+    assert not {"redis-password", "redis-username"} & set(spec["headGroupSpec"]["rayStartParams"])
 
 
 def test_pdb_covers_head_and_gpu_pods():
@@ -373,6 +376,23 @@ def test_images_install_from_hash_locks():
     for dockerfile in ("project.Dockerfile", "mlflow.Dockerfile"):
         text = (DOCKER / dockerfile).read_text()
         assert "--require-hashes" in text and re.search(r"^FROM \$\{BASE_IMAGE\}$", text, re.M), dockerfile
+
+
+def requirement_names(lines) -> set[str]:
+    return {re.split(r"[\[<>=~!; ]", line.strip(), maxsplit=1)[0].lower().replace("_", "-")
+            for line in lines if line.strip() and not line.lstrip().startswith("#")}
+
+
+def test_locks_cover_their_inputs():
+    import tomllib
+
+    project = tomllib.loads((ROOT / "pyproject.toml").read_text())["project"]["dependencies"]
+    wanted = requirement_names((DOCKER / "requirements.in").read_text().splitlines())
+    assert requirement_names(project) - {"torch"} <= wanted, "pyproject.toml and requirements.in disagree"
+    for lock, source in (("requirements.lock", "requirements.in"), ("mlflow-requirements.lock", "mlflow-requirements.in")):
+        pinned = {name.replace("_", "-") for name in lock_pins(DOCKER / lock)}
+        missing = requirement_names((DOCKER / source).read_text().splitlines()) - pinned
+        assert not missing, f"{lock} lacks {sorted(missing)}: rerun infra/docker/lock.py"
 
 
 def test_base_images_and_build_script():

@@ -11,8 +11,8 @@ import pytest
 
 from jobs.submit import split_argv
 from pipeline.submit import (FORWARDED_ENV, Submission, SubmitError, _stream_logs, build_entrypoint,
-                             build_runtime_env, describe_runtime_env, forwarded_env, not_forwarded, parse_memory,
-                             project_dependencies, resolve_address)
+                             build_runtime_env, check_resources, describe_runtime_env, forwarded_env, not_forwarded,
+                             parse_memory, project_dependencies, resolve_address)
 from tests.conftest import free_port
 from tests.infra.test_local_stack import DOWN, UP, clean_env, stack_env
 
@@ -36,6 +36,8 @@ def test_memory_sizes():
     assert parse_memory("512Mi") == 512 * 2**20 and parse_memory("1000") == 1000
     with pytest.raises(SubmitError, match="--memory 'lots': give bytes or a size such as 8Gi"):
         parse_memory("lots")
+    with pytest.raises(SubmitError, match="--num-gpus -1: must be 0 or more"):
+        check_resources(Submission(job="evaluate", num_gpus=-1))
 
 
 class FlakyTailClient:
