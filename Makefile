@@ -4,7 +4,7 @@ PYTHON ?= python3
 PY := $(VENV)/bin/python
 STAMP := $(VENV)/.installed
 
-.PHONY: demo test gpu-check install clean
+.PHONY: demo test gpu-check install system-deps clean
 
 install: $(STAMP)
 
@@ -20,7 +20,11 @@ $(STAMP): pyproject.toml
 demo: $(STAMP)
 	$(PY) -m jobs.demo
 
-test: $(STAMP)
+# PostgreSQL and Prometheus for the infra integration tests (Debian packages; a no-op when present).
+system-deps:
+	bash infra/local/system-deps.sh
+
+test: $(STAMP) system-deps
 	$(PY) -m pytest -q
 
 # Not part of `make test`: the GPU-only tests and benchmarks, one table of targets (a few minutes on

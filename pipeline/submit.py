@@ -2,12 +2,17 @@
 
 `uniformer submit train --config infra/configs/k400_uniformer_s16x4.yaml ... --address http://HEAD:8265`
 runs `python -m jobs.train --config ...` on the cluster with this checkout as the working
-directory. MLflow and S3 settings travel as runtime-env variables taken from the submitter's
-environment; their values are never printed (only names). Note that whoever can read the
-cluster's job list (the dashboard, with its token) can read them: on a real cluster prefer
-instance roles / Kubernetes secrets to forwarded keys. Paths in the job's arguments resolve on
-the cluster, inside the uploaded copy of the checkout: give data and outputs as s3:// URIs (or
-absolute paths on a one-machine cluster).
+directory. The cluster provides the job's MLflow and S3 settings (pod environment, instance role,
+the local stack's head). The submitter's own MLflow and AWS variables travel only when asked
+(`--forward-env`, or `--env KEY` one by one): a port-forwarded tracking URI (127.0.0.1) or an
+expiring session token baked into a multi-day job breaks it. Forwarded values are never printed
+(only names); whoever can read the cluster's job list (the dashboard, with its token) can read
+them. Paths in the job's arguments resolve on the cluster, inside the uploaded copy of the
+checkout: give data and outputs as s3:// URIs (or absolute paths on a one-machine cluster).
+
+The entrypoint (the job's driver) gets `--num-cpus`, `--num-gpus` and `--memory` from Ray's
+scheduler; by default it reserves nothing, which suits `train` (its workers reserve their own) but
+not an `evaluate` or `predict` that runs the model in the driver.
 
 Token authentication: a head started by `ray start --head` with a token (`RAY_AUTH_MODE=token`,
 the local stack does that) refuses clients without one. The submitter needs
@@ -20,6 +25,7 @@ from __future__ import annotations
 import asyncio
 import logging
 import os
+import re
 import shlex
 import sys
 import time
@@ -30,7 +36,8 @@ from typing import Callable, Mapping, MutableMapping
 
 PROJECT_ROOT = Path(__file__).resolve().parents[1]
 
-# Forwarded from the submitter's environment when set (MLflow server, S3 endpoint and keys).
+# Forwarded from the submitter's environment with --forward-env, those that are set (MLflow server,
+# S3 endpoint and keys).
 FORWARDED_ENV = (
     "MLFLOW_TRACKING_URI", "MLFLOW_TRACKING_USERNAME", "MLFLOW_TRACKING_PASSWORD", "MLFLOW_TRACKING_TOKEN",
     "MLFLOW_S3_ENDPOINT_URL", "AWS_ACCESS_KEY_ID", "AWS_SECRET_ACCESS_KEY", "AWS_SESSION_TOKEN",
@@ -58,7 +65,11 @@ class Submission:
     args: tuple[str, ...] = ()
     address: str = ""
     env_names: tuple[str, ...] = ()  # extra names to forward: KEY (from the environment) or KEY=VALUE
+    forward_env: bool = False        # forward the FORWARDED_ENV names that are set here
     include_pip: bool = False
+    num_cpus: float | None = None    # reserved for the entrypoint (the job's driver)
+    num_gpus: float | None = None
+    memory_bytes: int | None = None
     working_dir: Path = PROJECT_ROOT
     submission_id: str = ""
     wait: bool = True
@@ -90,9 +101,11 @@ def project_dependencies(root: Path = PROJECT_ROOT) -> list[str]:
         return list(tomllib.load(f)["project"]["dependencies"])
 
 
-def forwarded_env(extra: tuple[str, ...] | list[str] = (), environ: Mapping[str, str] = os.environ) -> dict[str, str]:
-    """Env vars for the job: FORWARDED_ENV names that are set, plus `extra` (KEY or KEY=VALUE)."""
-    env = {name: environ[name] for name in FORWARDED_ENV if environ.get(name)}
+def forwarded_env(extra: tuple[str, ...] | list[str] = (), environ: Mapping[str, str] = os.environ, *,
+                  forward_all: bool = False) -> dict[str, str]:
+    """Env vars for the job: `extra` (KEY or KEY=VALUE), plus with `forward_all` the FORWARDED_ENV
+    names that are set."""
+    env = {name: environ[name] for name in FORWARDED_ENV if environ.get(name)} if forward_all else {}
     for item in extra:
         name, sep, value = item.partition("=")
         if not name.isidentifier():
@@ -111,7 +124,7 @@ def forwarded_env(extra: tuple[str, ...] | list[str] = (), environ: Mapping[str,
 
 def build_runtime_env(sub: Submission, environ: Mapping[str, str] = os.environ) -> dict:
     runtime_env: dict = {"working_dir": str(sub.working_dir), "excludes": list(WORKING_DIR_EXCLUDES)}
-    env = forwarded_env(sub.env_names, environ)
+    env = forwarded_env(sub.env_names, environ, forward_all=sub.forward_env)
     if env:
         runtime_env["env_vars"] = env
     if sub.include_pip:
@@ -126,6 +139,30 @@ def describe_runtime_env(runtime_env: dict) -> str:
     pip = f"{len(runtime_env['pip'])} packages from pyproject.toml" if "pip" in runtime_env else \
         "none (the cluster image provides them; --pip installs pyproject's)"
     return f"working_dir {runtime_env['working_dir']}; pip: {pip}; env: {names}"
+
+
+def not_forwarded(runtime_env: dict, environ: Mapping[str, str] = os.environ) -> list[str]:
+    """FORWARDED_ENV names set here that the job does not get (said once, so nobody wonders)."""
+    sent = runtime_env.get("env_vars", {})
+    return [name for name in FORWARDED_ENV if environ.get(name) and name not in sent]
+
+
+_MEMORY_UNITS = {"": 1, "K": 10**3, "M": 10**6, "G": 10**9, "T": 10**12,
+                 "KI": 2**10, "MI": 2**20, "GI": 2**30, "TI": 2**40}
+
+
+def parse_memory(text: str) -> int:
+    """'8Gi', '512M', '2G' or plain bytes -> bytes (Kubernetes' units: Gi = 2**30, G = 10**9)."""
+    match = re.fullmatch(r"\s*(\d+(?:\.\d+)?)\s*([KMGT]i?)?B?\s*", text, re.I)
+    if not match or float(match.group(1)) <= 0:
+        raise SubmitError(f"--memory {text!r}: give bytes or a size such as 8Gi, 16G, 512Mi")
+    return int(float(match.group(1)) * _MEMORY_UNITS[(match.group(2) or "").upper()])
+
+
+def check_resources(sub: Submission) -> None:
+    for flag, value in (("--num-cpus", sub.num_cpus), ("--num-gpus", sub.num_gpus)):
+        if value is not None and value < 0:
+            raise SubmitError(f"{flag} {value}: must be 0 or more")
 
 
 def resolve_address(address: str, environ: Mapping[str, str] = os.environ) -> str:
@@ -178,35 +215,38 @@ def connect(address: str):
                           f"{str(err).strip().splitlines()[0] if str(err).strip() else ''}") from None
 
 
-def _stream_logs(client, submission_id: str, write: Callable[[str], None]) -> None:
-    """Follow the job's logs until it ends: websocket tail, falling back to polling."""
+def _stream_logs(client, submission_id: str, write: Callable[[str], None], poll_s: float = 1.0) -> None:
+    """Follow the job's logs until it ends: websocket tail, falling back to polling. The tail's
+    chunks are pieces of the same text that `get_job_logs` returns whole, so counting what the tail
+    wrote tells the poll where to go on: nothing is lost or printed twice at the switch."""
+    printed = 0
+
     async def tail() -> None:
+        nonlocal printed
         async for chunk in client.tail_job_logs(submission_id):
             write(chunk)
+            printed += len(chunk)
 
-    printed = 0
     try:
         asyncio.run(tail())
         return
     except Exception as err:  # noqa: BLE001 - a broken websocket must not lose the job's status
         print(f"log tail interrupted ({type(err).__name__}); polling instead", file=sys.stderr)
-        printed = -1
     while True:
         status = str(client.get_job_status(submission_id))
         logs = client.get_job_logs(submission_id)
-        if printed < 0:  # resume roughly where the tail stopped: print only what follows
-            printed = len(logs)
         write(logs[printed:])
-        printed = len(logs)
+        printed = max(printed, len(logs))
         if status.split(".")[-1] in TERMINAL:
             return
-        time.sleep(1.0)
+        time.sleep(poll_s)
 
 
 def submit(sub: Submission, *, write: Callable[[str], None] = sys.stdout.write,
            info: Callable[[str], None] = lambda line: print(line, file=sys.stderr, flush=True)) -> dict:
     """Submit, follow the logs (unless `wait` is false) and return the closing summary."""
     entrypoint = build_entrypoint(sub.job, sub.args, sub.working_dir)
+    check_resources(sub)
     runtime_env = build_runtime_env(sub)
     address = resolve_address(sub.address)
     prepare_auth_env()
@@ -214,10 +254,18 @@ def submit(sub: Submission, *, write: Callable[[str], None] = sys.stdout.write,
     submission_id = sub.submission_id or f"uniformer-{sub.job}-{time.strftime('%Y%m%d-%H%M%S')}-{uuid.uuid4().hex[:6]}"
     info(f"submitting to {address}: {entrypoint}")
     info(f"runtime env: {describe_runtime_env(runtime_env)}")
+    left = not_forwarded(runtime_env)
+    if left:
+        info(f"not forwarded (the cluster provides its own; --forward-env or --env KEY to send): {', '.join(left)}")
+    resources = {"entrypoint_num_cpus": sub.num_cpus, "entrypoint_num_gpus": sub.num_gpus,
+                 "entrypoint_memory": sub.memory_bytes}
+    resources = {k: v for k, v in resources.items() if v is not None}
+    if resources:
+        info("entrypoint reserves: " + ", ".join(f"{k.removeprefix('entrypoint_')}={v}" for k, v in resources.items()))
     start = time.monotonic()
     try:
         client.submit_job(entrypoint=entrypoint, runtime_env=runtime_env, submission_id=submission_id,
-                          metadata={"job": sub.job, "submitted_by": "uniformer submit"})
+                          metadata={"job": sub.job, "submitted_by": "uniformer submit"}, **resources)
     except Exception as err:  # noqa: BLE001 - the message of Ray's RuntimeError is the useful part
         text = str(err).strip().splitlines()
         raise SubmitError(f"the Ray head at {address} refused the job: {text[0] if text else type(err).__name__}") \

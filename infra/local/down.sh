@@ -4,7 +4,7 @@
 # Each service was started in a session of its own; this sends SIGTERM to the processes of
 # exactly those sessions (found by session id, nothing matched by name), waits
 # LOCAL_STACK_STOP_GRACE seconds, then SIGKILLs what is left. Ray workers and job supervisors
-# stay in the head's session; job drivers fate-share with their supervisor. The three services
+# stay in the head's session; job drivers fate-share with their supervisor. The services
 # stop in parallel. State (MLflow's SQLite file, logs) stays in the state folder until the next
 # up.sh.
 set -uo pipefail
@@ -52,11 +52,11 @@ stop_session() {  # stop_session NAME
     rm -f "$sid_file"
 }
 
-# All three at once (each may wait out its grace period); Ray's jobs losing MLflow or S3 a moment
+# All at once (each may wait out its grace period); Ray's jobs losing MLflow or S3 a moment
 # before they die themselves does not matter.
 status=0
 pids=()
-for name in ray mlflow s3; do
+for name in prometheus ray mlflow s3; do
     stop_session "$name" &
     pids+=($!)
 done

@@ -1,6 +1,7 @@
 #!/usr/bin/env bash
 # Start the local stack on loopback: an S3 server (moto), an MLflow server whose artifacts land
-# in that S3, and a Ray head with the dashboard and Jobs API. Stop it with infra/local/down.sh.
+# in that S3, a Ray head with the dashboard and Jobs API, and Prometheus scraping Ray's metrics
+# (the dashboard's metrics tab reads it). Stop it with infra/local/down.sh.
 #
 #   infra/local/up.sh            # ports and folders: see infra/local/env.sh (LOCAL_* variables)
 #   source work/local-stack/env  # then: uniformer submit train ..., ray job list, mlflow ui ...
@@ -23,11 +24,16 @@ source "$HERE/env.sh"
 die() { echo "up.sh: $*" >&2; exit 1; }
 
 for name in $LOCAL_STACK_SERVICES; do
-    [[ $name == s3 || $name == mlflow || $name == ray ]] \
-        || die "LOCAL_STACK_SERVICES: unknown service '$name' (known: s3 mlflow ray)"
+    [[ $name == s3 || $name == mlflow || $name == ray || $name == prometheus ]] \
+        || die "LOCAL_STACK_SERVICES: unknown service '$name' (known: s3 mlflow ray prometheus)"
 done
 if [[ " $LOCAL_STACK_SERVICES " == *" mlflow "* && " $LOCAL_STACK_SERVICES " != *" s3 "* ]]; then
     die "LOCAL_STACK_SERVICES: mlflow keeps its artifacts in the stack's S3; add s3"
+fi
+if [[ " $LOCAL_STACK_SERVICES " == *" prometheus "* ]]; then
+    [[ " $LOCAL_STACK_SERVICES " == *" ray "* ]] || die "LOCAL_STACK_SERVICES: prometheus scrapes the Ray head; add ray"
+    command -v prometheus > /dev/null \
+        || die "prometheus is not installed: run infra/local/system-deps.sh, or leave it out of LOCAL_STACK_SERVICES"
 fi
 
 is_running() {  # is_running NAME: does the session recorded for NAME still have processes?
@@ -37,7 +43,7 @@ is_running() {  # is_running NAME: does the session recorded for NAME still have
     [[ -n $(ps -eo sid= | awk -v s="$sid" '$1 == s') ]]
 }
 
-for name in s3 mlflow ray; do
+for name in s3 mlflow ray prometheus; do
     if is_running "$name"; then
         die "the local stack in $LOCAL_STACK_DIR is already running ($name); stop it with infra/local/down.sh"
     fi
@@ -53,6 +59,7 @@ if want ray; then
     ports+=("$LOCAL_RAY_PORT:LOCAL_RAY_PORT" "$LOCAL_RAY_DASHBOARD_PORT:LOCAL_RAY_DASHBOARD_PORT"
             "$LOCAL_RAY_CLIENT_PORT:LOCAL_RAY_CLIENT_PORT")
 fi
+if want prometheus; then ports+=("$LOCAL_PROMETHEUS_PORT:LOCAL_PROMETHEUS_PORT"); fi
 "$PYTHON" - "${ports[@]}" <<'EOF' || exit 1
 import socket, sys
 for arg in sys.argv[1:]:
@@ -74,7 +81,7 @@ print(*(s.getsockname()[1] for s in socks))')
 
 # Fresh state (the SQLite file and the buckets' content live only as long as the stack).
 mkdir -p "$LOCAL_STACK_DIR"
-rm -rf "$LOCAL_PID_DIR" "$LOCAL_LOG_DIR" "$LOCAL_STACK_DIR/mlflow" "$LOCAL_RAY_TOKEN_FILE"
+rm -rf "$LOCAL_PID_DIR" "$LOCAL_LOG_DIR" "$LOCAL_STACK_DIR/mlflow" "$LOCAL_RAY_TOKEN_FILE" "$LOCAL_STACK_DIR/prometheus"
 mkdir -p "$LOCAL_PID_DIR" "$LOCAL_LOG_DIR" "$LOCAL_STACK_DIR/mlflow"
 if [[ -z "${LOCAL_RAY_TEMP_DIR:-}" ]]; then
     LOCAL_RAY_TEMP_DIR=$LOCAL_STACK_DIR/ray
@@ -127,7 +134,7 @@ export AWS_ACCESS_KEY_ID=$LOCAL_AWS_ACCESS_KEY_ID AWS_SECRET_ACCESS_KEY=$LOCAL_A
 export AWS_DEFAULT_REGION=$LOCAL_AWS_REGION
 unset AWS_SESSION_TOKEN AWS_PROFILE
 
-# All three start at once (each takes seconds, MLflow and Ray tens of seconds on a busy machine);
+# S3, MLflow and Ray start at once (each takes seconds, MLflow and Ray tens of seconds on a busy machine);
 # then each is waited for. MLflow needs S3 only when the first artifact arrives.
 if want s3; then
     echo "starting S3 (moto) on $LOCAL_S3_URL"
@@ -147,11 +154,16 @@ if want ray; then
     if [[ -n $LOCAL_RAY_NUM_CPUS ]]; then ray_args+=(--num-cpus "$LOCAL_RAY_NUM_CPUS"); fi
     # The head, its workers and its jobs inherit these: token mode with our token and nothing else,
     # and $PYTHON's environment first on PATH (a job's entrypoint `python -m jobs.X` is a shell
-    # command: without this it would find whatever `python` the caller's PATH has).
+    # command: without this it would find whatever `python` the caller's PATH has). Like a real
+    # cluster's pods, the head also gives its jobs the stack's S3 endpoint and MLflow server, so
+    # `uniformer submit` forwards nothing by default; and the dashboard finds Prometheus.
+    ray_env=(RAY_AUTH_MODE=token RAY_AUTH_TOKEN_PATH="$LOCAL_RAY_TOKEN_FILE" PATH="$LOCAL_BIN:$PATH")
+    if want s3; then ray_env+=(AWS_ENDPOINT_URL="$LOCAL_S3_URL" MLFLOW_S3_ENDPOINT_URL="$LOCAL_S3_URL"); fi
+    if want mlflow; then ray_env+=(MLFLOW_TRACKING_URI="$LOCAL_MLFLOW_URL"); fi
+    if want prometheus; then ray_env+=(RAY_PROMETHEUS_HOST="$LOCAL_PROMETHEUS_URL"); fi
     # `ray start` returns once the head runs; its processes stay in the session.
     LOG_FILE=$LOCAL_LOG_DIR/ray.log start_session ray env -u RAY_AUTH_TOKEN -u RAY_ADDRESS \
-        -u RAY_API_SERVER_ADDRESS RAY_AUTH_MODE=token RAY_AUTH_TOKEN_PATH="$LOCAL_RAY_TOKEN_FILE" \
-        PATH="$LOCAL_BIN:$PATH" "$LOCAL_BIN/ray" "${ray_args[@]}"
+        -u RAY_API_SERVER_ADDRESS "${ray_env[@]}" "$LOCAL_BIN/ray" "${ray_args[@]}"
     ray_start_pid=$!
 fi
 if want mlflow; then
@@ -182,6 +194,19 @@ if want ray; then
     wait_http "Ray dashboard" "$LOCAL_RAY_DASHBOARD_URL/api/version" 120 "$LOCAL_RAY_TOKEN_FILE" \
         || { log_tail "$LOCAL_LOG_DIR/ray.log"; exit 1; }
 fi
+if want prometheus; then
+    # Ray's dashboard writes a Prometheus config for this session: scrape every Ray node listed in
+    # the service-discovery file it keeps up to date (under this --temp-dir, not /tmp/ray).
+    prom_config=$LOCAL_RAY_TEMP_DIR/session_latest/metrics/prometheus/prometheus.yml
+    for _ in $(seq 300); do [[ -f $prom_config ]] && break; sleep 0.2; done
+    [[ -f $prom_config ]] || die "Ray wrote no Prometheus config at $prom_config"
+    echo "starting Prometheus on $LOCAL_PROMETHEUS_URL (config: $prom_config)"
+    mkdir -p "$LOCAL_STACK_DIR/prometheus"
+    LOG_FILE=$LOCAL_LOG_DIR/prometheus.log start_session prometheus prometheus --config.file="$prom_config" \
+        --web.listen-address="127.0.0.1:$LOCAL_PROMETHEUS_PORT" \
+        --storage.tsdb.path="$LOCAL_STACK_DIR/prometheus" --storage.tsdb.retention.time=1d
+    wait_http Prometheus "$LOCAL_PROMETHEUS_URL/-/ready" 120 || { log_tail "$LOCAL_LOG_DIR/prometheus.log"; exit 1; }
+fi
 
 {
     echo "# The local stack's clients: source this file (written by infra/local/up.sh)."
@@ -202,6 +227,9 @@ fi
         echo "export RAY_AUTH_MODE=token"
         echo "export RAY_AUTH_TOKEN_PATH=$LOCAL_RAY_TOKEN_FILE"
     fi
+    if want prometheus; then
+        echo "export LOCAL_PROMETHEUS_URL=$LOCAL_PROMETHEUS_URL"
+    fi
 } > "$LOCAL_STACK_DIR/env"
 
 echo
@@ -211,6 +239,10 @@ if want mlflow; then echo "  MLflow UI/API   $LOCAL_MLFLOW_URL"; fi
 if want ray; then
     echo "  Ray dashboard   $LOCAL_RAY_DASHBOARD_URL   (Jobs API; token in $LOCAL_RAY_TOKEN_FILE)"
     echo "  Ray GCS         127.0.0.1:$LOCAL_RAY_PORT"
+fi
+if want prometheus; then
+    echo "  Prometheus      $LOCAL_PROMETHEUS_URL   (Ray's metrics; Grafana dashboards Ray generated:"
+    echo "                  $LOCAL_RAY_TEMP_DIR/session_latest/metrics/grafana/dashboards)"
 fi
 echo
 echo "use it from a shell (the env file holds these exports):"

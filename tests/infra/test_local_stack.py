@@ -1,6 +1,6 @@
 """infra/local/up.sh and down.sh, the way people use them: the whole stack on free loopback ports,
 S3 round trip, MLflow run whose artifact lands in the S3 bucket, Ray's Jobs API behind its token,
-then everything stopped. The clients run in a subprocess with the stack's env file, as a user's
+Ray's metrics in Prometheus and the dashboard's metrics tab wired to it, then everything stopped. The clients run in a subprocess with the stack's env file, as a user's
 shell would (and so this test process keeps no Ray or MLflow state)."""
 
 import json
@@ -45,6 +45,22 @@ out["artifact_body"] = s3.get_object(Bucket="mlflow-artifacts", Key=keys[0])["Bo
 out["run_id"] = run.info.run_id
 
 out["ray_jobs"] = len(JobSubmissionClient(os.environ["RAY_API_SERVER_ADDRESS"]).list_jobs())
+
+# Ray's metrics in Prometheus (scraped every 10 s from the service-discovery file Ray writes), and the
+# dashboard's own check that its metrics tab can reach that Prometheus.
+import time, urllib.parse, urllib.request
+query = urllib.parse.quote('count({__name__=~"ray_.+"})')
+deadline, series = time.monotonic() + 120, 0
+while time.monotonic() < deadline and not series:
+    answer = json.load(urllib.request.urlopen(f"{os.environ['LOCAL_PROMETHEUS_URL']}/api/v1/query?query={query}"))
+    series = int(answer["data"]["result"][0]["value"][1]) if answer["data"]["result"] else 0
+    if not series:
+        time.sleep(2)
+out["ray_series"] = series
+token = open(os.environ["RAY_AUTH_TOKEN_PATH"]).read().strip()
+request = urllib.request.Request(f"{os.environ['RAY_API_SERVER_ADDRESS']}/api/prometheus_health",
+                                 headers={"Authorization": f"Bearer {token}"})
+out["prometheus_health"] = json.load(urllib.request.urlopen(request, timeout=30))
 print(json.dumps(out))
 """
 
@@ -90,7 +106,8 @@ def test_up_use_down(tmp_path):
     stack = tmp_path / "stack"
     env = clean_env(LOCAL_STACK_DIR=str(stack), LOCAL_S3_PORT=str(free_port()), LOCAL_MLFLOW_PORT=str(free_port()),
                     LOCAL_RAY_PORT=str(free_port()), LOCAL_RAY_DASHBOARD_PORT=str(free_port()),
-                    LOCAL_RAY_CLIENT_PORT=str(free_port()), LOCAL_STACK_STOP_GRACE="3")
+                    LOCAL_RAY_CLIENT_PORT=str(free_port()), LOCAL_PROMETHEUS_PORT=str(free_port()),
+                    LOCAL_STACK_STOP_GRACE="3")
     start = time.monotonic()
     up = subprocess.run(["bash", str(UP)], capture_output=True, text=True, timeout=480, env=env)
     try:
@@ -98,7 +115,7 @@ def test_up_use_down(tmp_path):
         up_s = time.monotonic() - start
         exports = stack_env(stack)
         for name in ("MLFLOW_TRACKING_URI", "AWS_ENDPOINT_URL", "RAY_ADDRESS", "RAY_API_SERVER_ADDRESS",
-                     "RAY_AUTH_MODE", "RAY_AUTH_TOKEN_PATH"):
+                     "RAY_AUTH_MODE", "RAY_AUTH_TOKEN_PATH", "LOCAL_PROMETHEUS_URL"):
             assert f"export {name}=" in up.stdout, name  # printed for the user as well
         assert oct((stack / "ray_auth_token").stat().st_mode & 0o777) == "0o600"
 
@@ -106,7 +123,7 @@ def test_up_use_down(tmp_path):
         assert again.returncode != 0 and "already running" in again.stderr
 
         t_client = time.monotonic()
-        client = subprocess.run([sys.executable, "-c", CLIENT], capture_output=True, text=True, timeout=120,
+        client = subprocess.run([sys.executable, "-c", CLIENT], capture_output=True, text=True, timeout=300,
                                 cwd=tmp_path, env={**clean_env(), **exports})
         assert client.returncode == 0, client.stderr[-3000:]
         client_s = time.monotonic() - t_client
@@ -116,6 +133,8 @@ def test_up_use_down(tmp_path):
         assert any(k.endswith(f"{out['run_id']}/artifacts/note.txt") for k in out["artifact_keys"])
         assert out["artifact_body"] == "artifact body"
         assert out["ray_jobs"] == 0
+        assert out["ray_series"] > 0, "no ray_* metric in Prometheus"
+        assert out["prometheus_health"]["result"] is True, out["prometheus_health"]
 
         # The Jobs API without the token (what a JobSubmissionClient without RAY_AUTH_MODE=token sends).
         with pytest.raises(urllib.error.HTTPError) as refused:
@@ -128,9 +147,9 @@ def test_up_use_down(tmp_path):
         down = subprocess.run(["bash", str(DOWN)], capture_output=True, text=True, timeout=120, env=env)
         down_s = time.monotonic() - t_down
     assert down.returncode == 0, down.stdout + down.stderr
-    assert set(running) == {"s3", "mlflow", "ray"} and all(running.values())
+    assert set(running) == {"s3", "mlflow", "ray", "prometheus"} and all(running.values())
     assert {name: live_processes(sid) for name, sid in sessions.items()} == {name: [] for name in sessions}
-    for name in ("s3", "mlflow", "ray"):
+    for name in ("s3", "mlflow", "ray", "prometheus"):
         assert f"{name}: stopped" in down.stdout
     print(f"up.sh {up_s:.0f} s, clients {client_s:.0f} s, down.sh {down_s:.0f} s; "
           f"whole test {time.monotonic() - start:.0f} s")

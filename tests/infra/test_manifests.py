@@ -1,6 +1,8 @@
-"""The cluster manifests: every YAML under infra/ parses; the Ray cluster launcher config passes Ray's
-own schema; KubeRay and MLflow manifests carry the fields that matter; every Ray image is pinned to
-the installed Ray version."""
+"""The cluster manifests as an API server and a scheduler would take them: every Kubernetes document
+validates against the schema of its kind (KubeRay v1.6.0 CRDs, prometheus-operator v0.93.0 CRDs,
+Kubernetes v1.33.0; tests/infra/schemas/, made by make_schemas.py there), every pod fits the
+allocatable of the instance type it is pinned to, every ServiceAccount and Secret it names is
+defined, and the Ray cluster launcher config passes Ray's own schema."""
 
 import json
 import re
@@ -10,39 +12,405 @@ from pathlib import Path
 import pytest
 import ray
 import yaml
+from jsonschema import Draft7Validator, validators
 
 from pipeline.config import load_config
 
 ROOT = Path(__file__).resolve().parents[2]
 INFRA = ROOT / "infra"
+K8S = INFRA / "k8s"
+SCHEMAS = Path(__file__).parent / "schemas"
 ALL_YAML = sorted(p for p in INFRA.rglob("*.y*ml") if p.suffix in (".yaml", ".yml"))
-IMAGE_DIR = "/home/ray/uniformer"  # where infra/docker/Dockerfile puts the code
+K8S_YAML = sorted(K8S.glob("*.yaml"))
+IMAGE_DIR = "/home/ray/uniformer"  # where infra/docker/project.Dockerfile puts the code
+KUBERAY_MIN = "v1.6.0"              # authOptions.secretName appeared in v1.6.0 (authOptions itself in v1.5.1)
+
+SCHEMA_FILES = {
+    ("ray.io/v1", "RayCluster"): f"kuberay-{KUBERAY_MIN}/raycluster.json",
+    ("ray.io/v1", "RayJob"): f"kuberay-{KUBERAY_MIN}/rayjob.json",
+    ("monitoring.coreos.com/v1", "PodMonitor"): "prometheus-operator-v0.93.0/podmonitor.json",
+    ("monitoring.coreos.com/v1", "ServiceMonitor"): "prometheus-operator-v0.93.0/servicemonitor.json",
+    ("v1", "ServiceAccount"): "kubernetes-v1.33.0/serviceaccount-v1.json",
+    ("v1", "Service"): "kubernetes-v1.33.0/service-v1.json",
+    ("v1", "ConfigMap"): "kubernetes-v1.33.0/configmap-v1.json",
+    ("v1", "PersistentVolumeClaim"): "kubernetes-v1.33.0/persistentvolumeclaim-v1.json",
+    ("apps/v1", "Deployment"): "kubernetes-v1.33.0/deployment-apps-v1.json",
+    ("policy/v1", "PodDisruptionBudget"): "kubernetes-v1.33.0/poddisruptionbudget-policy-v1.json",
+}
 
 
 def load_docs(path: Path) -> list[dict]:
     return [doc for doc in yaml.safe_load_all(path.read_text()) if doc is not None]
 
 
-def image_ray_version(image: str) -> str | None:
-    """2.60.0 for rayproject/ray:2.60.0-py311-gpu and for our .../uniformer-ray:ray2.60.0-py311-gpu."""
-    match = re.fullmatch(r"(?:rayproject/ray:|[\w./-]*uniformer-ray:ray)(\d+\.\d+\.\d+)[\w.-]*", image)
-    return match.group(1) if match else None
+def k8s_docs() -> list[tuple[str, dict]]:
+    return [(f"{p.name}:{d['kind']}/{d['metadata']['name']}", d) for p in K8S_YAML for d in load_docs(p)]
 
 
-def pod_templates(cluster_spec: dict) -> list[tuple[str, dict]]:
-    groups = [("head", cluster_spec["headGroupSpec"])]
-    groups += [(g["groupName"], g) for g in cluster_spec["workerGroupSpecs"]]
-    return [(name, group["template"]["spec"]) for name, group in groups]
+def strict_crd(schema):
+    """A CRD schema as `kubectl apply` enforces it: kubectl's field validation is Strict by default
+    (Kubernetes >= 1.27), so a field the schema does not name is an error, not silently dropped."""
+    if isinstance(schema, dict):
+        schema = {k: strict_crd(v) for k, v in schema.items()}
+        if "properties" in schema and "additionalProperties" not in schema \
+                and not schema.get("x-kubernetes-preserve-unknown-fields"):
+            schema["additionalProperties"] = False
+        return schema
+    if isinstance(schema, list):
+        return [strict_crd(v) for v in schema]
+    return schema
 
 
-def env_of(container: dict) -> dict[str, dict]:
-    return {e["name"]: e for e in container.get("env", [])}
+def validator_for(doc: dict):
+    key = (doc["apiVersion"], doc["kind"])
+    assert key in SCHEMA_FILES, f"no schema kept for {key}; add it with tests/infra/schemas/make_schemas.py"
+    schema = json.loads((SCHEMAS / SCHEMA_FILES[key]).read_text())
+    if "$schema" not in schema:  # the CRD schemas: OpenAPI v3, closest to JSON Schema draft 7
+        return Draft7Validator(strict_crd(schema))
+    return validators.validator_for(schema)(schema)
 
 
 @pytest.mark.parametrize("path", ALL_YAML, ids=lambda p: str(p.relative_to(INFRA)))
 def test_every_yaml_parses(path):
     docs = load_docs(path)
     assert docs and all(isinstance(doc, dict) for doc in docs)
+
+
+@pytest.mark.parametrize("name,doc", k8s_docs(), ids=[n for n, _ in k8s_docs()])
+def test_manifest_validates_against_its_schema(name, doc):
+    errors = sorted(validator_for(doc).iter_errors(doc), key=lambda e: list(e.absolute_path))
+    assert not errors, "\n".join(f"{'.'.join(map(str, e.absolute_path))}: {e.message[:300]}" for e in errors[:10])
+
+
+def test_strict_schema_catches_an_unknown_field():
+    doc = load_docs(K8S / "rayjob.yaml")[0]
+    doc["spec"]["rayClusterSpec"]["authOptions"]["tokenSecret"] = "typo"
+    assert any("tokenSecret" in e.message for e in validator_for(doc).iter_errors(doc))
+
+
+# --- pods: sizes, identities, secrets ------------------------------------------------------------
+
+def pod_templates() -> list[tuple[str, dict, dict]]:
+    """(where, pod metadata, pod spec) of every pod the manifests make."""
+    pods = []
+    for name, doc in k8s_docs():
+        spec = doc.get("spec", {})
+        if doc["kind"] in ("RayCluster", "RayJob"):
+            cluster = spec["rayClusterSpec"] if doc["kind"] == "RayJob" else spec
+            groups = [("head", cluster["headGroupSpec"])] + [(g["groupName"], g) for g in cluster["workerGroupSpecs"]]
+            pods += [(f"{name}:{g}", grp["template"].get("metadata", {}), grp["template"]["spec"]) for g, grp in groups]
+            if doc["kind"] == "RayJob":
+                pods.append((f"{name}:submitter", {}, spec["submitterPodTemplate"]["spec"]))
+        elif doc["kind"] == "Deployment":
+            pods.append((name, spec["template"].get("metadata", {}), spec["template"]["spec"]))
+    return pods
+
+
+def ray_pods(kind: str) -> dict[str, tuple[dict, dict]]:
+    return {where.rsplit(":", 1)[1]: (meta, spec) for where, meta, spec in pod_templates()
+            if where.startswith(f"{kind}.yaml:")}
+
+
+def quantity(value) -> float:
+    """A Kubernetes quantity in base units (cores, bytes)."""
+    value = str(value)
+    units = {"m": 1e-3, "Ki": 2**10, "Mi": 2**20, "Gi": 2**30, "Ti": 2**40, "k": 1e3, "M": 1e6, "G": 1e9}
+    for suffix, factor in sorted(units.items(), key=lambda kv: -len(kv[0])):
+        if value.endswith(suffix):
+            return float(value[: -len(suffix)]) * factor
+    return float(value)
+
+
+# Instance types the manifests pin pods to: (vCPUs, memory GiB, max ENIs, IPv4 addresses per ENI), from
+# EC2's instance type pages and awslabs/amazon-eks-ami nodeadm/internal/kubelet/instance-info.jsonl.
+INSTANCES = {
+    "m7i.4xlarge": (16, 64, 8, 30),
+    "c7i.12xlarge": (48, 96, 8, 30),
+    "p4d.24xlarge": (96, 1152, 15, 50),
+}
+MiB, GiB = 2**20, 2**30
+# Not in the node's allocatable but taken from it all the same: DaemonSet pods on every node (VPC CNI,
+# kube-proxy, EBS CSI node, NVIDIA device plugin and dcgm-exporter, node exporter); a budget.
+DAEMONSETS_CPU, DAEMONSETS_MEMORY = 1.0, 2 * GiB
+# Memory the kernel reports is below the nominal size; Karpenter's default VM_MEMORY_OVERHEAD_PERCENT.
+VM_MEMORY_OVERHEAD = 0.075
+
+
+def allocatable(instance_type: str) -> tuple[float, float]:
+    """(CPU cores, memory bytes) a pod can request on an EKS AL2023 node of this type, minus DaemonSets.
+
+    EKS's nodeadm (awslabs/amazon-eks-ami, nodeadm/internal/kubelet/config.go) sets
+    kube-reserved cpu = 6% of the first core + 1% of the second + 0.5% of the next two + 0.25% of the
+    rest, kube-reserved memory = 11 MiB x maxPods + 255 MiB with maxPods = ENIs x (IPs per ENI - 1) + 2
+    (eni_max_pods.go), and evictionHard memory.available = 100Mi. Allocatable = capacity - both.
+    """
+    vcpus, memory_gib, enis, ips = INSTANCES[instance_type]
+    millicores, reserved = vcpus * 1000, 0
+    for start, end, per_10k in ((0, 1000, 600), (1000, 2000, 100), (2000, 4000, 50), (4000, millicores, 25)):
+        if millicores > start:
+            reserved += (min(millicores, end) - start) * per_10k // 10000
+    max_pods = enis * (ips - 1) + 2
+    memory = memory_gib * GiB * (1 - VM_MEMORY_OVERHEAD) - (11 * max_pods + 255) * MiB - 100 * MiB
+    return (millicores - reserved) / 1000 - DAEMONSETS_CPU, memory - DAEMONSETS_MEMORY
+
+
+def test_allocatable_matches_the_eks_formula():
+    # c7i.12xlarge: 48000m - (60 + 10 + 10 + 44000 x 0.25%) = 47810m; maxPods 8 x 29 + 2 = 234
+    cpu, memory = allocatable("c7i.12xlarge")
+    assert cpu == pytest.approx(47.81 - DAEMONSETS_CPU)
+    assert memory == pytest.approx(96 * GiB * 0.925 - (11 * 234 + 255 + 100) * MiB - DAEMONSETS_MEMORY)
+    assert allocatable("c7i.12xlarge")[0] < 48 and allocatable("c7i.12xlarge")[1] < 96 * GiB
+
+
+def pod_requests(pod: dict) -> tuple[float, float]:
+    cpu = memory = 0.0
+    for container in pod["containers"]:
+        requests = container.get("resources", {}).get("requests", {})
+        cpu += quantity(requests.get("cpu", 0))
+        memory += quantity(requests.get("memory", 0))
+    return cpu, memory
+
+
+@pytest.mark.parametrize("where,meta,pod", pod_templates(), ids=[w for w, _, _ in pod_templates()])
+def test_pod_fits_its_instance_type(where, meta, pod):
+    instance_type = pod.get("nodeSelector", {}).get("node.kubernetes.io/instance-type")
+    if instance_type is None:
+        assert "mlflow" in where, f"{where}: pin it to an instance type (nodeSelector) so its size can be checked"
+        return
+    cpu, memory = pod_requests(pod)
+    cpu_free, memory_free = allocatable(instance_type)
+    assert cpu <= cpu_free, f"{where}: requests {cpu} CPU, {instance_type} allocates {cpu_free:.2f}"
+    assert memory <= memory_free, \
+        f"{where}: requests {memory / GiB:.1f} GiB, {instance_type} allocates {memory_free / GiB:.1f} GiB"
+    for container in pod["containers"]:
+        resources = container.get("resources", {})
+        assert resources.get("requests") and resources.get("limits"), f"{where}/{container['name']}: no resources"
+        # A memory-backed /dev/shm counts against the container's memory limit.
+        limit = quantity(resources["limits"].get("memory", 0))
+        mounted = {m["name"] for m in container.get("volumeMounts", [])}
+        shm = sum(quantity(v["emptyDir"].get("sizeLimit", 0)) for v in pod.get("volumes", [])
+                  if v["name"] in mounted and v.get("emptyDir", {}).get("medium") == "Memory")
+        assert shm < limit or not shm, f"{where}/{container['name']}: /dev/shm {shm / GiB} GiB >= memory limit"
+
+
+def defined(kind: str) -> set[str]:
+    names = {d["metadata"]["name"] for _, d in k8s_docs() if d["kind"] == kind}
+    if kind == "Secret":  # Secrets are made by secrets.sh (their values never live in git)
+        names |= set(re.findall(r"^create ([\w-]+)", (K8S / "secrets.sh").read_text(), re.M))
+    return names
+
+
+def referenced(node, kind: str) -> set[str]:
+    """ServiceAccount / Secret / ConfigMap names a manifest refers to, wherever they are."""
+    found = set()
+    if isinstance(node, dict):
+        if kind == "ServiceAccount" and "serviceAccountName" in node:
+            found.add(node["serviceAccountName"])
+        if kind == "Secret":
+            found |= {node[k]["name"] for k in ("secretKeyRef",) if k in node}
+            if isinstance(node.get("secret"), dict):
+                found.add(node["secret"]["secretName"])
+            if isinstance(node.get("secretName"), str):
+                found.add(node["secretName"])
+        if kind == "ConfigMap":
+            found |= {node[k]["name"] for k in ("configMapKeyRef", "configMap") if k in node}
+        for value in node.values():
+            found |= referenced(value, kind)
+    elif isinstance(node, list):
+        for value in node:
+            found |= referenced(value, kind)
+    return found
+
+
+@pytest.mark.parametrize("kind", ["ServiceAccount", "Secret", "ConfigMap"])
+def test_every_referenced_object_is_defined(kind):
+    used = set().union(*(referenced(doc, kind) for _, doc in k8s_docs()))
+    assert used, kind
+    assert used <= defined(kind), f"{kind} used but never defined: {sorted(used - defined(kind))}"
+
+
+def test_ray_service_account_has_an_irsa_role():
+    account = next(d for _, d in k8s_docs() if d["kind"] == "ServiceAccount" and d["metadata"]["name"] == "uniformer-ray")
+    assert account["metadata"]["annotations"]["eks.amazonaws.com/role-arn"].startswith("arn:aws:iam::")
+
+
+# --- KubeRay: auth, fault tolerance, disruptions, images -------------------------------------------
+
+def image_ray_version(image: str) -> str | None:
+    """2.60.0 for rayproject/ray:2.60.0-py311-gpu and for our .../uniformer-ray:ray2.60.0-py311-cpu."""
+    match = re.fullmatch(r"(?:rayproject/ray:|[\w./-]*uniformer-ray:ray)(\d+\.\d+\.\d+)[\w.-]*", image)
+    return match.group(1) if match else None
+
+
+def cluster_specs() -> dict[str, dict]:
+    job = load_docs(K8S / "rayjob.yaml")[0]
+    return {"raycluster": load_docs(K8S / "raycluster.yaml")[0]["spec"], "rayjob": job["spec"]["rayClusterSpec"]}
+
+
+@pytest.mark.parametrize("kind", ["raycluster", "rayjob"])
+def test_token_auth_through_kuberay(kind):
+    spec = cluster_specs()[kind]
+    assert spec["authOptions"] == {"mode": "token", "secretName": "uniformer-ray-auth"}
+    # Set by hand, these would shadow what KubeRay injects (it adds them only where absent).
+    for where, _, pod in pod_templates():
+        for container in pod["containers"]:
+            names = {e["name"] for e in container.get("env", [])}
+            assert not names & {"RAY_AUTH_MODE", "RAY_AUTH_TOKEN"}, f"{where}/{container['name']}"
+
+
+@pytest.mark.parametrize("kind", ["raycluster", "rayjob"])
+def test_cluster_layout(kind):
+    spec = cluster_specs()[kind]
+    assert spec["rayVersion"] == ray.__version__ and spec["enableInTreeAutoscaling"] is True
+    assert spec["headGroupSpec"]["rayStartParams"]["num-cpus"] == "0"
+    assert "secretKeyRef" in spec["gcsFaultToleranceOptions"]["redisPassword"]["valueFrom"]
+    assert spec["gcsFaultToleranceOptions"]["redisAddress"].startswith("redis.")
+    pods = {name: pod for name, pod in ray_pods(kind).items() if name != "submitter"}
+    head_meta, head = pods["head"]
+    gpu_meta, gpu = pods["gpu"]
+    decode_meta, decode = pods["decode"]
+    for meta in (head_meta, gpu_meta):  # no eviction of a running training's head or GPU workers
+        assert meta["annotations"]["cluster-autoscaler.kubernetes.io/safe-to-evict"] == "false"
+        assert meta["annotations"]["karpenter.sh/do-not-disrupt"] == "true"
+    assert decode["nodeSelector"]["eks.amazonaws.com/capacityType"] == "SPOT"
+    assert "annotations" not in decode_meta
+    images = {name: pod["containers"][0]["image"] for name, (_, pod) in pods.items()}
+    assert images["gpu"].endswith("-gpu") and images["head"].endswith("-cpu") and images["decode"].endswith("-cpu")
+    for name, (_, pod) in pods.items():
+        assert pod["serviceAccountName"] == "uniformer-ray"
+        ray_container = pod["containers"][0]  # KubeRay treats the first container as Ray's
+        assert image_ray_version(ray_container["image"]) == ray.__version__, ray_container["image"]
+        assert "metrics" in {p["name"] for p in ray_container["ports"]}
+        mounts = {m["mountPath"]: m["name"] for m in ray_container["volumeMounts"]}
+        volumes = {v["name"]: v for v in pod["volumes"]}
+        assert volumes[mounts["/dev/shm"]]["emptyDir"]["medium"] == "Memory"
+        assert "/tmp/ray" in mounts and any(c["name"] == "log-shipper" for c in pod["containers"])
+        assert "secretKeyRef" in {e["name"]: e for e in ray_container["env"]}["MLFLOW_TRACKING_PASSWORD"]["valueFrom"]
+    head_env = {e["name"] for e in head["containers"][0]["env"]}
+    assert {"RAY_PROMETHEUS_HOST", "RAY_GRAFANA_HOST", "RAY_GRAFANA_IFRAME_HOST"} <= head_env
+    # KubeRay (utils/validation.go) refuses these next to gcsFaultToleranceOptions.
+    assert not head_env & {"RAY_REDIS_ADDRESS", "REDIS_PASSWORD", "REDIS_USERNAME", "RAY_external_storage_namespace"}
+    assert not {"redis-password", "redis-username"} & set(spec["headGroupSpec"]["rayStartParams"])
+
+
+def test_pdb_covers_head_and_gpu_pods():
+    budgets = [d for _, d in k8s_docs() if d["kind"] == "PodDisruptionBudget"]
+    for kind in ("raycluster", "rayjob"):
+        for group in ("head", "gpu"):
+            labels = ray_pods(kind)[group][0]["labels"]
+            covering = [b for b in budgets if b["spec"]["selector"]["matchLabels"].items() <= labels.items()
+                        and all(labels.get(e["key"]) in e["values"] for e in b["spec"]["selector"].get("matchExpressions", []))]
+            assert covering and all(b["spec"]["maxUnavailable"] == 0 for b in covering), (kind, group)
+
+
+def test_rayjob_retries_and_resumes():
+    spec = load_docs(K8S / "rayjob.yaml")[0]["spec"]
+    assert spec["backoffLimit"] > 0 and spec["shutdownAfterJobFinishes"] is True
+    assert spec["ttlSecondsAfterFinished"] > 0 and spec["activeDeadlineSeconds"] >= 7 * 24 * 3600
+    words = shlex.split(spec["entrypoint"])
+    assert words[:5] == ["python", "-m", "jobs.train", "--config", words[4]]
+    cfg = load_config(ROOT / Path(words[4]).relative_to(IMAGE_DIR), words[5:])
+    assert cfg.train.storage_path.startswith("s3://") and cfg.data.manifest.startswith("s3://")
+    assert cfg.train.run_name != "uniformer"  # a fixed, job-specific name: a retry resumes that run
+    submitter = spec["submitterPodTemplate"]["spec"]["containers"][0]
+    assert image_ray_version(submitter["image"]) == ray.__version__ and submitter["image"].endswith("-cpu")
+
+
+def test_monitors_select_the_ray_and_mlflow_pods():
+    docs = {d["kind"]: d for _, d in k8s_docs() if d["apiVersion"].startswith("monitoring.coreos.com")}
+    ray_labels = ray_pods("rayjob")["head"][0]["labels"]
+    assert docs["PodMonitor"]["spec"]["selector"]["matchLabels"].items() <= ray_labels.items()
+    assert {e["port"] for e in docs["PodMonitor"]["spec"]["podMetricsEndpoints"]} >= {"metrics"}
+    mlflow_service = next(d for _, d in k8s_docs() if d["kind"] == "Service" and d["metadata"]["name"] == "mlflow")
+    assert docs["ServiceMonitor"]["spec"]["selector"]["matchLabels"].items() <= mlflow_service["metadata"]["labels"].items()
+
+
+# --- MLflow server ---------------------------------------------------------------------------------
+
+def test_mlflow_deployment():
+    docs = {doc["kind"]: doc for doc in load_docs(K8S / "mlflow.yaml")}
+    pod = docs["Deployment"]["spec"]["template"]["spec"]
+    container = pod["containers"][0]
+    command = " ".join(container.get("command", []) + container.get("args", []))
+    assert "pip install" not in command  # the image has its dependencies; the pod needs no internet
+    assert "mlflow server" in command and "--app-name basic-auth" in command and "--expose-prometheus" in command
+    assert re.search(r"--artifacts-destination s3://", command)
+    assert '--backend-store-uri "$MLFLOW_BACKEND_STORE_URI"' in command
+    assert container["image"].split("/")[-1].startswith("uniformer-mlflow:")
+    env = {e["name"]: e for e in container["env"]}
+    for name in ("MLFLOW_BACKEND_STORE_URI", "MLFLOW_AUTH_ADMIN_PASSWORD", "MLFLOW_FLASK_SERVER_SECRET_KEY"):
+        assert "secretKeyRef" in env[name]["valueFrom"], name
+    auth_dir = str(Path(env["MLFLOW_AUTH_CONFIG_PATH"]["value"]).parent)
+    mounted = {m["name"] for m in container["volumeMounts"] if m["mountPath"] == auth_dir}
+    assert any(v["name"] in mounted and "secret" in v for v in pod["volumes"])
+    assert "postgresql+psycopg://" in (K8S / "secrets.sh").read_text()
+    service = docs["Service"]["spec"]
+    assert service["selector"].items() <= docs["Deployment"]["spec"]["template"]["metadata"]["labels"].items()
+    import mlflow
+
+    tag = container["image"].rsplit(":", 1)[1].lstrip("v")
+    assert tag == mlflow.__version__
+
+
+# --- images ----------------------------------------------------------------------------------------
+
+DOCKER = INFRA / "docker"
+
+
+def lock_pins(path: Path) -> dict[str, str]:
+    return {m.group(1).lower(): m.group(2) for m in re.finditer(r"^([\w.-]+)==(\S+) \\\n\s+--hash=sha256:[0-9a-f]{64}$",
+                                                                 path.read_text(), re.M)}
+
+
+def test_images_install_from_hash_locks():
+    project, server = lock_pins(DOCKER / "requirements.lock"), lock_pins(DOCKER / "mlflow-requirements.lock")
+    import mlflow
+    import torch
+
+    assert project["ray"] == ray.__version__
+    assert project["mlflow"] == server["mlflow"] == mlflow.__version__
+    assert "torch" not in project and not any(n.startswith("nvidia-") for n in project)
+    assert re.search(rf"^ARG TORCH_VERSION={re.escape(torch.__version__.split('+')[0])}$",
+                     (DOCKER / "project.Dockerfile").read_text(), re.M)
+    assert server["psycopg"].startswith("3.") and "psycopg-binary" in server
+    for dockerfile in ("project.Dockerfile", "mlflow.Dockerfile"):
+        text = (DOCKER / dockerfile).read_text()
+        assert "--require-hashes" in text and re.search(r"^FROM \$\{BASE_IMAGE\}$", text, re.M), dockerfile
+
+
+def requirement_names(lines) -> set[str]:
+    return {re.split(r"[\[<>=~!; ]", line.strip(), maxsplit=1)[0].lower().replace("_", "-")
+            for line in lines if line.strip() and not line.lstrip().startswith("#")}
+
+
+def test_locks_cover_their_inputs():
+    import tomllib
+
+    project = tomllib.loads((ROOT / "pyproject.toml").read_text())["project"]["dependencies"]
+    wanted = requirement_names((DOCKER / "requirements.in").read_text().splitlines())
+    assert requirement_names(project) - {"torch"} <= wanted, "pyproject.toml and requirements.in disagree"
+    for lock, source in (("requirements.lock", "requirements.in"), ("mlflow-requirements.lock", "mlflow-requirements.in")):
+        pinned = {name.replace("_", "-") for name in lock_pins(DOCKER / lock)}
+        missing = requirement_names((DOCKER / source).read_text().splitlines()) - pinned
+        assert not missing, f"{lock} lacks {sorted(missing)}: rerun infra/docker/lock.py"
+
+
+def test_base_images_and_build_script():
+    bases = dict(line.split() for line in (DOCKER / "base-images.lock").read_text().splitlines()
+                 if line.strip() and not line.startswith("#"))
+    assert bases["gpu"].split("@")[0] == f"rayproject/ray:{ray.__version__}-py311-gpu"
+    assert bases["cpu"].split("@")[0] == f"rayproject/ray:{ray.__version__}-py311"
+    build = (DOCKER / "build.sh").read_text()
+    assert "not pinned by digest" in build  # build.sh refuses a base without @sha256:
+    for flavour in ("gpu", "cpu"):
+        assert f"uniformer-ray:ray{ray.__version__}-py311-{flavour}" in build
+
+
+def test_dockerignore_keeps_local_state_out_of_the_context():
+    rules = (ROOT / ".dockerignore").read_text().splitlines()
+    assert rules[rules.index("*")] == "*"  # everything out, then the image's inputs back in
+    assert {"!model/", "!pipeline/", "!jobs/", "!infra/configs/", "!pyproject.toml"} <= set(rules)
+    assert not any(r.startswith("!") and (".venv" in r or "work" in r) for r in rules)
 
 
 # --- Ray cluster launcher (AWS) ---------------------------------------------------------------
@@ -61,103 +429,41 @@ def test_aws_passes_rays_schema(aws):
 
 def test_aws_node_types(aws):
     types = aws["available_node_types"]
-    assert types[aws["head_node_type"]]["resources"]["CPU"] == 0
+    head = types[aws["head_node_type"]]
+    assert head["resources"]["CPU"] == 0
     gpu = [t for t in types.values() if t["resources"].get("GPU", 0) > 0]
-    cpu_only = [name for name, t in types.items()
-                if name != aws["head_node_type"] and t["resources"].get("CPU", 0) > 0 and not t["resources"].get("GPU")]
-    assert gpu and cpu_only
-    for t in types.values():  # S3 through the instance role, on every node
-        assert t["node_config"]["IamInstanceProfile"]["Arn"].startswith("arn:aws:iam::")
+    decode = [t for name, t in types.items() if t is not head and not t["resources"].get("GPU")]
+    assert gpu and decode
+    assert all(t["node_config"]["InstanceMarketOptions"]["MarketType"] == "spot" for t in decode)
+    for t in types.values():
+        assert t["node_config"]["ImageId"].startswith("ami-"), "pin an AMI; latest_dlami is Ubuntu 18.04 (EOL)"
+    # Split roles: only the head (Ray's autoscaler) may launch instances.
+    assert head["node_config"]["IamInstanceProfile"]["Arn"].endswith("/uniformer-ray-head")
+    for t in gpu + decode:
+        assert t["node_config"]["IamInstanceProfile"]["Arn"].endswith("/uniformer-ray-worker")
+    assert all(t["docker"]["worker_image"].endswith("-gpu") for t in gpu)
 
 
-def test_aws_image_setup_and_auth(aws):
-    assert aws["docker"]["image"] == f"rayproject/ray:{ray.__version__}-py311-gpu"
-    assert any("pip install" in c and "/home/ray/uniformer" in c for c in aws["setup_commands"])
-    assert aws["file_mounts"]["/home/ray/uniformer"] == "."
+def test_aws_iam_policies():
+    head = json.loads((INFRA / "cluster" / "iam" / "head-policy.json").read_text())
+    worker = json.loads((INFRA / "cluster" / "iam" / "worker-policy.json").read_text())
+
+    def actions(policy):
+        out = set()
+        for statement in policy["Statement"]:
+            acts = statement["Action"]
+            out |= {acts} if isinstance(acts, str) else set(acts)
+        return out
+
+    assert {"ec2:RunInstances", "ec2:TerminateInstances", "ec2:DescribeInstances", "ec2:CreateTags",
+            "iam:PassRole"} <= actions(head)
+    assert not {a for a in actions(worker) if a.startswith(("ec2:", "iam:"))}
+    passrole = next(s for s in head["Statement"] if s["Action"] == "iam:PassRole")
+    assert passrole["Resource"].endswith(":role/uniformer-ray-worker")
+
+
+def test_aws_image_and_auth(aws):
+    assert image_ray_version(aws["docker"]["image"]) == ray.__version__ and aws["docker"]["image"].endswith("-cpu")
+    assert not any("pip install" in c for c in aws.get("setup_commands", []))
     for key in ("head_start_ray_commands", "worker_start_ray_commands"):
-        assert any("RAY_AUTH_MODE=token ray start" in c for c in aws[key])
-    assert "train.storage_path=s3://" in (INFRA / "cluster" / "aws.yaml").read_text()
-
-
-# --- KubeRay -----------------------------------------------------------------------------------
-
-@pytest.fixture(scope="module")
-def raycluster() -> dict:
-    return load_docs(INFRA / "k8s" / "raycluster.yaml")[0]
-
-
-@pytest.fixture(scope="module")
-def rayjob() -> dict:
-    return load_docs(INFRA / "k8s" / "rayjob.yaml")[0]
-
-
-def check_cluster_spec(spec: dict) -> None:
-    assert spec["rayVersion"] == ray.__version__
-    assert spec["headGroupSpec"]["rayStartParams"]["num-cpus"] == "0"
-    gpu_groups, cpu_groups = [], []
-    for name, pod in pod_templates(spec):
-        shm = {v["name"] for v in pod.get("volumes", []) if v.get("emptyDir", {}).get("medium") == "Memory"}
-        for container in pod["containers"]:
-            assert image_ray_version(container["image"]) == ray.__version__, container["image"]
-            mounts = {m["name"] for m in container.get("volumeMounts", []) if m["mountPath"] == "/dev/shm"}
-            assert mounts & shm, f"{name}: /dev/shm is not a memory emptyDir"
-            env = env_of(container)
-            assert env["RAY_AUTH_MODE"]["value"] == "token"
-            assert "secretKeyRef" in env["RAY_AUTH_TOKEN"]["valueFrom"]
-            assert "secretKeyRef" in env["MLFLOW_TRACKING_PASSWORD"]["valueFrom"]
-            if name != "head":
-                gpus = int(container["resources"]["limits"].get("nvidia.com/gpu", 0))
-                (gpu_groups if gpus else cpu_groups).append(name)
-    assert gpu_groups and cpu_groups
-
-
-def test_raycluster(raycluster):
-    assert raycluster["apiVersion"] == "ray.io/v1" and raycluster["kind"] == "RayCluster"
-    check_cluster_spec(raycluster["spec"])
-
-
-def test_rayjob(rayjob):
-    assert rayjob["apiVersion"] == "ray.io/v1" and rayjob["kind"] == "RayJob"
-    spec = rayjob["spec"]
-    assert spec["shutdownAfterJobFinishes"] is True and spec["ttlSecondsAfterFinished"] > 0
-    check_cluster_spec(spec["rayClusterSpec"])
-    submitter = spec["submitterPodTemplate"]["spec"]["containers"][0]
-    assert image_ray_version(submitter["image"]) == ray.__version__
-    assert env_of(submitter)["RAY_AUTH_MODE"]["value"] == "token"
-
-
-def test_rayjob_entrypoint_runs_a_recipe(rayjob):
-    words = shlex.split(rayjob["spec"]["entrypoint"])
-    assert words[:5] == ["python", "-m", "jobs.train", "--config", words[4]]
-    config = ROOT / Path(words[4]).relative_to(IMAGE_DIR)
-    cfg = load_config(config, words[5:])
-    assert cfg.train.storage_path.startswith("s3://") and cfg.data.manifest.startswith("s3://")
-
-
-def test_mlflow_deployment():
-    docs = {doc["kind"]: doc for doc in load_docs(INFRA / "k8s" / "mlflow.yaml")}
-    pod = docs["Deployment"]["spec"]["template"]["spec"]
-    container = pod["containers"][0]
-    command = " ".join(container.get("command", []) + container.get("args", []))
-    assert "mlflow server" in command and "--app-name basic-auth" in command
-    assert re.search(r"--artifacts-destination s3://", command)
-    assert '--backend-store-uri "$MLFLOW_BACKEND_STORE_URI"' in command
-    env = env_of(container)
-    for name in ("MLFLOW_BACKEND_STORE_URI", "MLFLOW_AUTH_ADMIN_PASSWORD", "MLFLOW_FLASK_SERVER_SECRET_KEY"):
-        assert "secretKeyRef" in env[name]["valueFrom"], name
-    auth_dir = str(Path(env["MLFLOW_AUTH_CONFIG_PATH"]["value"]).parent)
-    mounted = {m["name"] for m in container["volumeMounts"] if m["mountPath"] == auth_dir}
-    assert any(v["name"] in mounted and "secret" in v for v in pod["volumes"])
-    assert "postgresql://" in (INFRA / "k8s" / "mlflow.yaml").read_text()
-    service = docs["Service"]["spec"]
-    assert service["selector"].items() <= docs["Deployment"]["spec"]["template"]["metadata"]["labels"].items()
-    import mlflow
-
-    tag = container["image"].rsplit(":", 1)[1].lstrip("v")
-    assert tag.split(".")[:2] == mlflow.__version__.split(".")[:2]
-
-
-def test_dockerfile_pins_the_installed_ray():
-    text = (INFRA / "docker" / "Dockerfile").read_text()
-    assert re.search(rf"^ARG RAY_VERSION={re.escape(ray.__version__)}$", text, re.M)
-    assert re.search(r"^FROM rayproject/ray:\$\{RAY_VERSION\}-py311-gpu$", text, re.M)
+        assert any("RAY_AUTH_MODE=token ray start" in c and "--metrics-export-port" in c for c in aws[key])

@@ -10,8 +10,9 @@ from pathlib import Path
 import pytest
 
 from jobs.submit import split_argv
-from pipeline.submit import (FORWARDED_ENV, Submission, SubmitError, build_entrypoint, build_runtime_env,
-                             describe_runtime_env, forwarded_env, project_dependencies, resolve_address)
+from pipeline.submit import (FORWARDED_ENV, Submission, SubmitError, _stream_logs, build_entrypoint,
+                             build_runtime_env, check_resources, describe_runtime_env, forwarded_env, not_forwarded,
+                             parse_memory, project_dependencies, resolve_address)
 from tests.conftest import free_port
 from tests.infra.test_local_stack import DOWN, UP, clean_env, stack_env
 
@@ -23,10 +24,47 @@ SECRET = "s3cr3t-value-that-must-never-print"
 
 def test_submit_options_anywhere_the_rest_goes_to_the_job():
     args, job_args = split_argv(["train", "--config", "c.yaml", "optim.epochs=3", "--address", "http://h:8265",
-                                 "--env", "FOO", "--no-wait", "--", "--pip"])
+                                 "--env", "FOO", "--no-wait", "--num-gpus", "1", "--memory", "8Gi", "--", "--pip"])
     assert (args.job, args.address, args.env, args.no_wait, args.pip) == ("train", "http://h:8265", ["FOO"], True,
                                                                             False)
+    assert (args.num_gpus, args.num_cpus, args.memory, args.forward_env) == (1.0, None, "8Gi", False)
     assert job_args == ["--config", "c.yaml", "optim.epochs=3", "--pip"]
+
+
+def test_memory_sizes():
+    assert parse_memory("8Gi") == 8 * 2**30 and parse_memory("16G") == 16 * 10**9
+    assert parse_memory("512Mi") == 512 * 2**20 and parse_memory("1000") == 1000
+    with pytest.raises(SubmitError, match="--memory 'lots': give bytes or a size such as 8Gi"):
+        parse_memory("lots")
+    with pytest.raises(SubmitError, match="--num-gpus -1: must be 0 or more"):
+        check_resources(Submission(job="evaluate", num_gpus=-1))
+
+
+class FlakyTailClient:
+    """A job client whose websocket tail breaks after two chunks while the job keeps logging."""
+
+    def __init__(self):
+        self.lines = [f"line {i}\n" for i in range(6)]
+        self.polls = 0
+
+    async def tail_job_logs(self, submission_id):
+        yield self.lines[0]
+        yield self.lines[1] + self.lines[2][:3]   # a chunk may end mid-line
+        raise ConnectionError("websocket closed")
+
+    def get_job_status(self, submission_id):
+        self.polls += 1
+        return "RUNNING" if self.polls < 2 else "SUCCEEDED"
+
+    def get_job_logs(self, submission_id):
+        return "".join(self.lines[: 4 + self.polls])
+
+
+def test_no_log_line_lost_or_doubled_when_the_tail_breaks(capsys):
+    client, written = FlakyTailClient(), []
+    _stream_logs(client, "job", written.append, poll_s=0)
+    assert "".join(written) == "".join(client.lines)
+    assert "log tail interrupted (ConnectionError); polling instead" in capsys.readouterr().err
 
 
 def test_entrypoint_is_quoted_and_checked():
@@ -41,8 +79,11 @@ def test_entrypoint_is_quoted_and_checked():
 def test_forwarded_env_names_values_and_refusals():
     environ = {"MLFLOW_TRACKING_URI": "http://m:5000", "AWS_SECRET_ACCESS_KEY": SECRET, "AWS_REGION": "",
                "HOME": "/root", "EXTRA": "x"}
-    env = forwarded_env(["EXTRA", "OTHER=y"], environ)
+    # By default only what is asked for: a local tracking URI or session token must not reach a long job.
+    assert forwarded_env(["EXTRA", "OTHER=y"], environ) == {"EXTRA": "x", "OTHER": "y"}
+    env = forwarded_env(["EXTRA", "OTHER=y"], environ, forward_all=True)
     assert env == {"MLFLOW_TRACKING_URI": "http://m:5000", "AWS_SECRET_ACCESS_KEY": SECRET, "EXTRA": "x", "OTHER": "y"}
+    assert not_forwarded({"env_vars": {"EXTRA": "x"}}, environ) == ["MLFLOW_TRACKING_URI", "AWS_SECRET_ACCESS_KEY"]
     assert set(FORWARDED_ENV) >= {"MLFLOW_TRACKING_URI", "AWS_SECRET_ACCESS_KEY", "MLFLOW_S3_ENDPOINT_URL"}
     with pytest.raises(SubmitError, match="--env RAY_AUTH_TOKEN: Ray's address and token are not forwarded"):
         forwarded_env(["RAY_AUTH_TOKEN"], {"RAY_AUTH_TOKEN": "t"})
@@ -54,7 +95,8 @@ def test_forwarded_env_names_values_and_refusals():
 
 def test_runtime_env_and_its_description(monkeypatch):
     monkeypatch.setenv("AWS_SECRET_ACCESS_KEY", SECRET)
-    runtime_env = build_runtime_env(Submission(job="train"))
+    assert "env_vars" not in build_runtime_env(Submission(job="train"))
+    runtime_env = build_runtime_env(Submission(job="train", forward_env=True))
     assert runtime_env["working_dir"] == str(ROOT) and "pip" not in runtime_env
     assert {".venv/", "work/", ".git/", "tests/"} <= set(runtime_env["excludes"])
     line = describe_runtime_env(runtime_env)
@@ -112,7 +154,8 @@ def test_job_succeeds_streams_logs_and_never_prints_secrets(ray_head, tmp_path):
     # resolve inside the job's uploaded copy of the checkout.
     out = tmp_path / "synth"
     result = run_submit(env, "synth", "--output", str(out), "--classes", "2", "--videos-per-class", "1",
-                        "--env", "MY_TOKEN", "--submission-id", "uniformer-test-ok")
+                        "--env", "MY_TOKEN", "--forward-env", "--num-cpus", "0.5", "--memory", "256Mi",
+                        "--submission-id", "uniformer-test-ok")
     assert result.returncode == 0, result.stdout + result.stderr
     job_summary = json.loads(result.stdout.strip().splitlines()[-2])  # the job's own closing line, streamed
     assert job_summary["videos"] == 2 and (out / "labels.json").is_file()
@@ -129,6 +172,30 @@ def test_job_succeeds_streams_logs_and_never_prints_secrets(ray_head, tmp_path):
     got = subprocess.run([sys.executable, "-c", check], env={**clean_env(), **ray_head}, capture_output=True,
                          text=True, timeout=120)
     assert got.stdout.strip() == "True", got.stderr[-2000:]
+
+
+def test_local_settings_stay_local_unless_asked(ray_head):
+    env = {**clean_env(), **ray_head, "MLFLOW_TRACKING_URI": "http://127.0.0.1:5000", "AWS_SESSION_TOKEN": SECRET}
+    result = run_submit(env, "train", "--no-wait", "--submission-id", "uniformer-test-local", "--", "--help")
+    assert result.returncode == 0, result.stderr
+    assert "env: none" in result.stderr
+    assert "not forwarded (the cluster provides its own; --forward-env or --env KEY to send): " \
+           "MLFLOW_TRACKING_URI, AWS_SESSION_TOKEN" in result.stderr
+    assert SECRET not in result.stdout + result.stderr
+
+
+def test_entrypoint_gpus_reach_the_scheduler(ray_head):
+    """A driver that asks for a GPU waits for one: on this CPU-only head the job stays pending."""
+    env = {**clean_env(), **ray_head}
+    result = run_submit(env, "evaluate", "--num-gpus", "1", "--no-wait", "--submission-id", "uniformer-test-gpu",
+                        "--", "--help", timeout=60)
+    assert result.returncode == 0, result.stderr
+    assert "entrypoint reserves: num_gpus=1.0" in result.stderr
+    check = ("import os, time; from ray.job_submission import JobSubmissionClient as C; "
+             "c = C(os.environ['RAY_API_SERVER_ADDRESS']); time.sleep(8); "
+             "print(str(c.get_job_status('uniformer-test-gpu')).split('.')[-1]); c.stop_job('uniformer-test-gpu')")
+    got = subprocess.run([sys.executable, "-c", check], env=env, capture_output=True, text=True, timeout=120)
+    assert got.stdout.strip() == "PENDING", got.stdout + got.stderr[-2000:]
 
 
 def test_failing_job_exits_1(ray_head):
