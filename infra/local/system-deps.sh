@@ -1,8 +1,8 @@
 #!/usr/bin/env bash
 # System packages the integration tests run for real (Debian 12): PostgreSQL, for the MLflow server
 # on PostgreSQL (tests/infra/test_mlflow_postgres.py), and Prometheus, which scrapes the local Ray
-# head (tests/infra/test_prometheus.py). Called by .ci/run and `make system-deps`; does nothing when
-# both are present, runs `apt-get update` only when apt does not know the packages yet.
+# head (tests/infra/test_local_stack.py). Run by `make test` (through `make system-deps`); does
+# nothing when both are present, runs `apt-get update` only when apt does not know the packages yet.
 set -euo pipefail
 
 have_postgres() { compgen -G "/usr/lib/postgresql/*/bin/initdb" > /dev/null; }

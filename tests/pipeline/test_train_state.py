@@ -26,6 +26,7 @@ def trained_checkpoint(cfg) -> dict:
             "ema_updates": state.ema.updates}
 
 
+@pytest.mark.filterwarnings("ignore:.*to a meta parameter:UserWarning")  # meta weights hold no data: intended
 def test_resumed_optimizer_and_ema_live_on_the_parameters_device():
     cfg = load_config(None, TINY)
     checkpoint = trained_checkpoint(cfg)
