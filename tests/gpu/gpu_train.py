@@ -11,9 +11,7 @@ from pathlib import Path
 
 import pytest
 
-from pipeline.prepare import PrepareOptions, prepare
-from pipeline.synth import synth_dataset
-from tests.pipeline.test_train import kill_one_worker_after_first_checkpoint
+from tests.pipeline.test_train import kill_one_worker_after_first_checkpoint, prepared_motion_set
 
 ROOT = Path(__file__).resolve().parents[2]
 DEMO = ROOT / "infra" / "configs" / "demo.yaml"
@@ -23,12 +21,7 @@ GPU_RUN = ("train.num_workers=1", "train.use_gpu=true", "train.cpus_per_worker=1
 
 @pytest.fixture(scope="module")
 def motion_set(tmp_path_factory):
-    root = tmp_path_factory.mktemp("motion")
-    synth_dataset(str(root / "raw"), num_classes=6, videos_per_class=12, seed=0)
-    prepare([str(root / "raw" / "train.txt"), str(root / "raw" / "val.txt")], str(root / "raw"),
-            str(root / "prepared"), labels_uri=str(root / "raw" / "labels.json"),
-            options=PrepareOptions(short_side=0), executor="inline")
-    return root / "prepared"
+    return prepared_motion_set(tmp_path_factory.mktemp("motion"), videos_per_class=12)
 
 
 def run_train(tmp_path: Path, *overrides: str) -> tuple[dict, str]:

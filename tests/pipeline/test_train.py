@@ -20,15 +20,18 @@ ROOT = Path(__file__).resolve().parents[2]
 DEMO = ROOT / "infra" / "configs" / "demo.yaml"
 
 
-@pytest.fixture(scope="module")
-def motion_set(tmp_path_factory):
-    """The demo's synthetic motion set, prepared (in-process, no Ray)."""
-    root = tmp_path_factory.mktemp("motion")
-    synth_dataset(str(root / "raw"), num_classes=6, videos_per_class=100, seed=0)
+def prepared_motion_set(root: Path, videos_per_class: int) -> Path:
+    """The demo's synthetic motion set (6 classes), prepared in-process (no Ray); its folder."""
+    synth_dataset(str(root / "raw"), num_classes=6, videos_per_class=videos_per_class, seed=0)
     prepare([str(root / "raw" / "train.txt"), str(root / "raw" / "val.txt")], str(root / "raw"),
             str(root / "prepared"), labels_uri=str(root / "raw" / "labels.json"),
             options=PrepareOptions(short_side=0), executor="inline")
     return root / "prepared"
+
+
+@pytest.fixture(scope="module")
+def motion_set(tmp_path_factory):
+    return prepared_motion_set(tmp_path_factory.mktemp("motion"), videos_per_class=100)
 
 
 @pytest.fixture(scope="module")
