@@ -4,12 +4,12 @@
     uniformer bench train          # the demo config on its synthetic set; --config/--manifest for others
 
 `data`: clips/s of the data path (plain loop, process pool, Ray Data) and the cost of a
-seek-decoded clip against its window (`pipeline.bench_data`). `train`: the training loop on Ray
+seek-decoded clip against its window (`pipeline.bench.data`). `train`: the training loop on Ray
 Train fed by the clip stream against the same loop fed from memory: the data-stall fraction
-(`pipeline.bench_train`). `model`: clips/s, step time, peak
+(`pipeline.bench.train`). `model`: clips/s, step time, peak
 memory and MFU of the network, optionally beside the plain reference formulation; `dwconv`: one
-depthwise 3D convolution, PyTorch against the Triton op (`pipeline.bench_model`). `gpu`: every
-GPU-only test and benchmark against its target (`pipeline.gpu_check`; `make gpu-check`). Each subcommand is a subparser
+depthwise 3D convolution, PyTorch against the Triton op (`pipeline.bench.model`). `gpu`: every
+GPU-only test and benchmark against its target (`pipeline.bench.gpu`; `make gpu-check`). Each subcommand is a subparser
 here whose work lives in `pipeline/bench_<what>.py`; add one with `_add_<what>` + `SUBCOMMANDS`.
 Every subcommand also takes `--config FILE.yaml` and `key=value` overrides.
 """
@@ -22,7 +22,7 @@ import sys
 from pathlib import Path
 from typing import Any, Callable
 
-from pipeline.bench_model import add_dwconv_parser, add_model_parser
+from pipeline.bench.model import add_dwconv_parser, add_model_parser
 from pipeline.config import Config, ConfigError, add_config_args, int_at_least, load_config
 
 
@@ -61,7 +61,7 @@ def _add_data(sub: argparse._SubParsersAction) -> argparse.ArgumentParser:
 
 
 def _run_data(args: argparse.Namespace, cfg: Config, parser: argparse.ArgumentParser) -> dict[str, Any]:
-    from pipeline.bench_data import BenchVideos, run_data_bench
+    from pipeline.bench.data import BenchVideos, run_data_bench
 
     modes = tuple(m.strip() for m in args.modes.split(",") if m.strip())
     unknown = sorted(set(modes) - {"loop", "pool", "ray"})
@@ -102,7 +102,7 @@ def _add_train(sub: argparse._SubParsersAction) -> argparse.ArgumentParser:
 
 
 def _run_train(args: argparse.Namespace, cfg: Config, parser: argparse.ArgumentParser) -> dict[str, Any]:
-    from pipeline.bench_train import run_outage_bench, run_train_bench
+    from pipeline.bench.train import run_outage_bench, run_train_bench
 
     if args.tracking_outage:
         return run_outage_bench(cfg, outage_s=args.tracking_outage, manifest_uri=args.manifest,
@@ -119,13 +119,13 @@ def _run_train(args: argparse.Namespace, cfg: Config, parser: argparse.ArgumentP
 def _add_gpu(sub: argparse._SubParsersAction) -> argparse.ArgumentParser:
     p = sub.add_parser("gpu", help="every GPU-only test and benchmark, one table of targets (make gpu-check)",
                        description="Runs tests/gpu and the model and depthwise-conv benchmarks against their "
-                       "targets (pipeline.gpu_check); without CUDA says so and exits 0.")
+                       "targets (pipeline.bench.gpu); without CUDA says so and exits 0.")
     p.set_defaults(run=_run_gpu)
     return p
 
 
 def _run_gpu(args: argparse.Namespace, cfg: Config, parser: argparse.ArgumentParser) -> dict[str, Any]:
-    from pipeline.gpu_check import run_gpu_check
+    from pipeline.bench.gpu import run_gpu_check
 
     return run_gpu_check(progress=_progress())
 
@@ -157,7 +157,7 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
         cfg = load_config(args.config, [*args.overrides, *flags])
     except ConfigError as err:
         sub.exit(2, f"{sub.prog}: config error: {err}\n")
-    from pipeline.storage import StorageError
+    from pipeline.data.storage import StorageError
 
     try:
         summary = args.run(args, cfg, sub)

@@ -25,8 +25,8 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument("--split", default="val", help="manifest split to evaluate (default: val)")
     parser.add_argument("--no-log", action="store_true", help="do not log the evaluation to MLflow")
     args, cfg = parse_job_args(parser, argv)
-    from pipeline.evaluate import EvaluationError, evaluate
-    from pipeline.storage import StorageError
+    from pipeline.data.storage import StorageError
+    from pipeline.tracking.evaluate import EvaluationError, evaluate
 
     try:
         result = evaluate(cfg, args.model, args.manifest, split=args.split, log=not args.no_log)

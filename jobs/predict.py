@@ -23,10 +23,10 @@ def main(argv: list[str] | None = None) -> None:
     args, cfg = parse_job_args(parser, argv)
     if args.top_k < 1:
         parser.exit(2, f"{parser.prog}: --top-k must be at least 1, got {args.top_k}\n")
-    from pipeline import tracking
-    from pipeline.serving import predict_videos
+    from pipeline.tracking.runs import client_for
+    from pipeline.tracking.serving import predict_videos
 
-    tracking.client_for(cfg)  # sets the tracking and registry URIs that models:/ resolves against
+    client_for(cfg)  # sets the tracking and registry URIs that models:/ resolves against
     if cfg.storage.endpoint_url:  # the classifier reads S3 with the standard AWS environment
         os.environ["AWS_ENDPOINT_URL_S3"] = cfg.storage.endpoint_url
     if cfg.storage.region:

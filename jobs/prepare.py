@@ -13,10 +13,10 @@ from __future__ import annotations
 import argparse
 import json
 
-from pipeline.annotations import FORMATS, LAYOUTS, AnnotationError
 from pipeline.config import int_at_least, parse_job_args
-from pipeline.prepare import PrepareOptions, prepare
-from pipeline.storage import StorageError
+from pipeline.data.annotations import FORMATS, LAYOUTS, AnnotationError
+from pipeline.data.prepare import PrepareOptions, prepare
+from pipeline.data.storage import StorageError
 
 _D = PrepareOptions()
 

@@ -30,7 +30,7 @@ def main(argv: list[str] | None = None) -> None:
                         help="and the challenger is better by at least this much on the paired videos")
     parser.add_argument("--dry-run", action="store_true", help="decide and print, write nothing")
     args, cfg = parse_job_args(parser, argv)
-    from pipeline.registry import RegistryError, promote
+    from pipeline.tracking.registry import RegistryError, promote
 
     try:
         result = promote(cfg, args.name or cfg.tracking.registered_model, metric=args.metric,

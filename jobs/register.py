@@ -19,7 +19,7 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument("--run", required=True, metavar="RUN_ID", help="the training run (printed by `uniformer train`)")
     parser.add_argument("--name", help="registered model name (default: tracking.registered_model)")
     args, cfg = parse_job_args(parser, argv)
-    from pipeline.registry import RegistryError, register
+    from pipeline.tracking.registry import RegistryError, register
 
     try:
         result = register(cfg, args.run, args.name or cfg.tracking.registered_model)

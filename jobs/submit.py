@@ -21,7 +21,7 @@ import argparse
 import json
 import sys
 
-from pipeline.submit import FORWARDED_ENV, Submission, SubmitError, known_jobs, parse_memory, submit
+from pipeline.cluster.submit import FORWARDED_ENV, Submission, SubmitError, known_jobs, parse_memory, submit
 
 
 def build_parser() -> argparse.ArgumentParser:

@@ -3,7 +3,7 @@
     uniformer synth --output work/synth --classes 6 --videos-per-class 40 --seed 0
 
 Classes differ only in motion (right, left, down, up, grow, shrink, rotate_cw, rotate_ccw, then
-diagonals and combinations); see `pipeline.synth`. Writes `<output>/videos/...`, `train.txt`
+diagonals and combinations); see `pipeline.data.synth`. Writes `<output>/videos/...`, `train.txt`
 and `val.txt` (`relative/path label_name` lines, what `uniformer prepare --annotations` reads)
 and `labels.json`, to a local folder or s3://. Ends with one line of JSON.
 """
@@ -18,8 +18,8 @@ from rich.console import Console
 from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn
 
 from pipeline.config import int_at_least, parse_job_args
-from pipeline.storage import StorageError
-from pipeline.synth import MOTIONS
+from pipeline.data.storage import StorageError
+from pipeline.data.synth import MOTIONS
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -36,7 +36,7 @@ def build_parser() -> argparse.ArgumentParser:
 
 
 def main(argv: list[str] | None = None) -> dict:
-    from pipeline.synth import synth_dataset
+    from pipeline.data.synth import synth_dataset
 
     parser = build_parser()
     args, cfg = parse_job_args(parser, argv)

@@ -12,8 +12,8 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument("--new-run", action="store_true",
                         help="start a fresh training under train.run_name instead of resuming the one of that name")
     args, cfg = parse_job_args(parser, argv, flag_keys={"init_from": "model.init_from"})
-    from pipeline.storage import StorageError
-    from pipeline.train import run_training
+    from pipeline.data.storage import StorageError
+    from pipeline.training.driver import run_training
 
     try:
         summary = run_training(cfg, new_run=args.new_run)

@@ -18,7 +18,7 @@ from typing import Any, Literal
 
 import yaml
 
-from pipeline.rand_augment import parse_rand_augment
+from pipeline.data.rand_augment import parse_rand_augment
 
 
 class ConfigError(ValueError):

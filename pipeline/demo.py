@@ -8,8 +8,8 @@ import time
 
 from rich.console import Console
 
-from pipeline import tracking
 from pipeline.config import Config
+from pipeline.tracking.runs import tracking_uri, with_resolved_tracking, work_dir
 
 console = Console(stderr=True)
 
@@ -19,23 +19,23 @@ def stage(number: int, text: str) -> None:
 
 
 def run_demo(cfg: Config, *, classes: int = 6, videos_per_class: int = 100, seed: int = 0) -> dict:
-    from pipeline.evaluate import evaluate
-    from pipeline.prepare import PrepareOptions, prepare
-    from pipeline.raycluster import init_ray
-    from pipeline.registry import promote, register
-    from pipeline.serving import predict_videos
-    from pipeline.synth import synth_dataset
-    from pipeline.train import run_training
+    from pipeline.cluster.connect import init_ray
+    from pipeline.data.prepare import PrepareOptions, prepare
+    from pipeline.data.synth import synth_dataset
+    from pipeline.tracking.evaluate import evaluate
+    from pipeline.tracking.registry import promote, register
+    from pipeline.tracking.serving import predict_videos
+    from pipeline.training.driver import run_training
 
     t0 = time.perf_counter()
-    root = tracking.work_dir() / "demo"
+    root = work_dir() / "demo"
     raw, prepared = root / "raw", root / "prepared"
     run_name = f"demo-{time.strftime('%Y%m%d-%H%M%S')}"  # every demo is a new training and version
     cfg = dataclasses.replace(
-        tracking.with_resolved_tracking(cfg),
+        with_resolved_tracking(cfg),
         data=dataclasses.replace(cfg.data, manifest=str(prepared)),
         train=dataclasses.replace(cfg.train, run_name=run_name,
-                                  storage_path=str(tracking.work_dir() / "ray_results")))
+                                  storage_path=str(work_dir() / "ray_results")))
     init_ray()
 
     stage(1, f"synth: {classes} motion classes x {videos_per_class} videos -> {raw}")
@@ -66,7 +66,7 @@ def run_demo(cfg: Config, *, classes: int = 6, videos_per_class: int = 100, seed
     prediction = predict_videos(model_uri, [str(video)], top_k=3)[0]
     console.print(prediction)
 
-    uri = tracking.tracking_uri(cfg)
+    uri = tracking_uri(cfg)
     console.print(f"MLflow UI: .venv/bin/mlflow ui --backend-store-uri {uri} --port 5000, then open "
                   "http://127.0.0.1:5000\nRay dashboard: start the local stack (infra/local/up.sh) and open "
                   "http://127.0.0.1:8265 while jobs run there")

@@ -1,4 +1,4 @@
-"""GPU-only checks, run by `make gpu-check` (pipeline/gpu_check.py), never by `make test`: their
+"""GPU-only checks, run by `make gpu-check` (pipeline/bench/gpu.py), never by `make test`: their
 files are named gpu_*.py, which pytest does not collect by default. On a machine without CUDA
 gpu-check says so and runs nothing; running these files there by hand fails here."""
 

@@ -11,7 +11,7 @@ from pathlib import Path
 
 import pytest
 
-from tests.pipeline.test_train import kill_one_worker_after_first_checkpoint, prepared_motion_set
+from tests.training.test_train import kill_one_worker_after_first_checkpoint, prepared_motion_set
 
 ROOT = Path(__file__).resolve().parents[2]
 DEMO = ROOT / "infra" / "configs" / "demo.yaml"

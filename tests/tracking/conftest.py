@@ -16,7 +16,7 @@ import pytest
 from tests.conftest import free_port, wait_for_http
 
 ROOT = Path(__file__).resolve().parents[2]
-LABELS = ["right", "left", "down"]  # pipeline.synth.class_names(3)
+LABELS = ["right", "left", "down"]  # pipeline.data.synth.class_names(3)
 
 
 @pytest.fixture(scope="session")
@@ -85,22 +85,24 @@ def fake_training(cfg, *, val_top1: float, seed: int = 0, finish: bool = True) -
     import torch
 
     from model import create_uniformer
-    from pipeline import tracking
+    from pipeline.tracking.logged_models import finish_training_run
+    from pipeline.tracking.metrics import log_metrics
+    from pipeline.tracking.runs import client_for, find_or_create_run
 
-    run_id = tracking.find_or_create_run(cfg)
-    client = tracking.client_for(cfg)
-    tracking.log_metrics(client, run_id, {"train_loss": 1.1, "lr": 1e-4, "clips_per_s": 3.0}, 1)
+    run_id = find_or_create_run(cfg)
+    client = client_for(cfg)
+    log_metrics(client, run_id, {"train_loss": 1.1, "lr": 1e-4, "clips_per_s": 3.0}, 1)
     n = cfg.model.num_classes
     confusion = np.eye(n, dtype=int) * 2 + 1
     last_val = {"val_loss": 1.0, "val_top1": val_top1, "val_top5": 1.0, "val_mean_class": val_top1,
                 "val_videos": int(confusion.sum()), "val_unusable": 0, "confusion": confusion.tolist()}
-    tracking.log_metrics(client, run_id, {k: v for k, v in last_val.items() if k != "confusion"}, 2)
+    log_metrics(client, run_id, {k: v for k, v in last_val.items() if k != "confusion"}, 2)
     if finish:
         torch.manual_seed(seed)
         net = create_uniformer(cfg.model.variant, num_classes=n)
         state = {"model_state": net.state_dict(), "optimizer": {}, "scaler": {}, "ema_state": None, "epoch": 2,
                  "step": 2, "last_val": last_val, "mlflow_run_id": run_id, "config": cfg.to_dict()}
-        tracking.finish_training_run(cfg, run_id, state, LABELS)
+        finish_training_run(cfg, run_id, state, LABELS)
     return run_id
 
 
@@ -108,9 +110,9 @@ def fake_training(cfg, *, val_top1: float, seed: int = 0, finish: bool = True) -
 def tiny_videos(tmp_path_factory):
     """A prepared dataset of tiny synthetic videos: 3 classes x 3 videos (2 train, 1 val), a manifest
     written by hand (no Ray), plus one val row that prepare marked unreadable."""
-    from pipeline.decode import count_frames
-    from pipeline.manifest import write_manifest
-    from pipeline.synth import synth_dataset
+    from pipeline.data.decode import count_frames
+    from pipeline.data.manifest import write_manifest
+    from pipeline.data.synth import synth_dataset
 
     folder = tmp_path_factory.mktemp("tiny_videos")
     summary = synth_dataset(str(folder), num_classes=len(LABELS), videos_per_class=3, seed=0, num_frames=20,
@@ -140,7 +142,7 @@ def tiny_videos(tmp_path_factory):
 def paired_manifest(tiny_videos, tmp_path_factory):
     """A manifest with 30 usable val rows (the tiny videos again under new row numbers), enough videos
     for a paired test to reach significance, plus the tiny set's train rows and unusable val rows."""
-    from pipeline.manifest import write_manifest
+    from pipeline.data.manifest import write_manifest
 
     rows = list(tiny_videos["rows"])
     usable = [r for r in rows if r["status"] == "ok" and r["split"] == "train"]
@@ -155,10 +157,10 @@ def fake_evaluation(cfg, run_id: str, manifest_uri: str, correct: list[bool], *,
     """An evaluation run of the run's video classifier as `uniformer evaluate` logs it, with the top-1
     outcome of the first len(correct) usable val videos (in manifest order) given by `correct` instead
     of measured; the others are undecodable."""
-    from pipeline import tracking
-    from pipeline.evaluate import Evaluation, _model_source, log_evaluation, metrics_from_scores
-    from pipeline.manifest import manifest_hash, read_manifest
-    from pipeline.predictions import EvidenceKey, prediction_table
+    from pipeline.data.manifest import manifest_hash, read_manifest
+    from pipeline.tracking.evaluate import Evaluation, _model_source, log_evaluation, metrics_from_scores
+    from pipeline.tracking.predictions import EvidenceKey, prediction_table
+    from pipeline.tracking.runs import client_for
 
     table = read_manifest(manifest_uri)
     split, status, labels = (table.column(c).to_pylist() for c in ("split", "status", "label"))
@@ -175,7 +177,7 @@ def fake_evaluation(cfg, run_id: str, manifest_uri: str, correct: list[bool], *,
     result = {**metrics, "eval_videos": len(videos), "eval_unusable": unusable, "eval_views": clips * crops,
               "model_uri": model_uri, "manifest": manifest_uri, "manifest_hash": key.manifest_hash, "split": "val",
               "test_clips": clips, "test_crops": crops, "source_run_id": run_id,
-              "model_id": _model_source(tracking.client_for(cfg), model_uri)[1]}
+              "model_id": _model_source(client_for(cfg), model_uri)[1]}
     data = dataclasses.replace(cfg.data, test_clips=clips, test_crops=crops)
     evaluation = Evaluation(result, prediction_table(table, videos, key=key, labels=LABELS), table, data, LABELS,
                             confusion)

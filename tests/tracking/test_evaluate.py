@@ -11,9 +11,10 @@ import torch
 
 from jobs import evaluate as evaluate_job
 from jobs import promote as promote_job
-from pipeline import predictions, registry, tracking
-from pipeline.evaluate import EvaluationError, evaluate
-from pipeline.manifest import manifest_hash, read_manifest, write_manifest
+from pipeline.data.manifest import manifest_hash, read_manifest, write_manifest
+from pipeline.tracking import predictions, registry
+from pipeline.tracking.evaluate import EvaluationError, evaluate
+from pipeline.tracking.runs import client_for
 from tests.tracking.conftest import fake_training, tiny_config
 
 
@@ -39,7 +40,7 @@ def test_evaluate_register_and_promote_against_an_evaluated_champion(ray_local, 
     assert result["eval_videos"] == 3 and result["eval_unusable"] == 2  # never replaced by other videos
     assert result["eval_views"] == 2 and result["test_clips"] == 2 and result["source_run_id"] == run_a
     assert 0 <= result["eval_top1"] <= result["eval_top5"] <= 1 and 0 <= result["eval_mean_class"] <= 1
-    client = tracking.client_for(cfg)
+    client = client_for(cfg)
     eval_run = client.get_run(result["eval_run_id"])
     assert eval_run.data.tags["mlflow.parentRunId"] == run_a and eval_run.data.tags["job"] == "evaluate"
     assert eval_run.data.params["eval.manifest_hash"] == result["manifest_hash"]

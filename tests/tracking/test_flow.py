@@ -14,7 +14,9 @@ import mlflow.pyfunc
 import numpy as np
 import yaml
 
-from pipeline import registry, tracking
+from pipeline.tracking import registry
+from pipeline.tracking.logged_models import PYFUNC_MODEL_NAME, PYTORCH_MODEL_NAME
+from pipeline.tracking.runs import client_for
 from tests.tracking.conftest import LABELS, ROOT, fake_evaluation, fake_training, tiny_config
 
 PREDICT_IN_FRESH_PROCESS = """
@@ -22,14 +24,14 @@ import json, sys
 import mlflow.pyfunc, pandas as pd
 model = mlflow.pyfunc.load_model(sys.argv[1])
 out = model.predict(pd.DataFrame({"video": [sys.argv[2]]}), params={"top_k": 2}).iloc[0]
-import model as network, pipeline.serving
+import model as network, pipeline.tracking.serving
 print(json.dumps({"labels": list(out["labels"]), "scores": [float(s) for s in out["scores"]],
-                  "error": out["error"], "serving_file": pipeline.serving.__file__, "model_file": network.__file__}))
+                  "error": out["error"], "serving_file": pipeline.tracking.serving.__file__, "model_file": network.__file__}))
 """
 
 
 def check_training_run(cfg, run_id: str) -> None:
-    client = tracking.client_for(cfg)
+    client = client_for(cfg)
     run = client.get_run(run_id)
     assert run.info.status == "FINISHED"
     assert run.data.metrics["val_top1"] > 0 and "train_loss" in run.data.metrics
@@ -41,14 +43,14 @@ def check_training_run(cfg, run_id: str) -> None:
     png = open(client.download_artifacts(run_id, "val_confusion_matrix.png"), "rb").read()
     assert png[:8] == b"\x89PNG\r\n\x1a\n"
     models = client.search_logged_models([run.info.experiment_id], filter_string=f"source_run_id = '{run_id}'")
-    assert sorted(m.name for m in models) == sorted([tracking.PYFUNC_MODEL_NAME, tracking.PYTORCH_MODEL_NAME])
+    assert sorted(m.name for m in models) == sorted([PYFUNC_MODEL_NAME, PYTORCH_MODEL_NAME])
     for model in models:  # models from code with weights only: nothing that unpickles
         files = [f.path for f in client.list_logged_model_artifacts(model.model_id)]
         assert "MLmodel" in files and not [f for f in files if f.endswith((".pkl", ".pickle", ".cloudpickle"))], files
         flavor = yaml.safe_load(mlflow.artifacts.load_text(f"{model.artifact_location}/MLmodel"))["flavors"]
         assert set(flavor) == {"python_function"} and flavor["python_function"]["model_code_path"].endswith(".py")
         assert "python_model" not in flavor["python_function"]  # the key of a pickled (cloudpickle) model
-    network = mlflow.pyfunc.load_model(f"runs:/{run_id}/{tracking.PYTORCH_MODEL_NAME}")
+    network = mlflow.pyfunc.load_model(f"runs:/{run_id}/{PYTORCH_MODEL_NAME}")
     assert network.predict(np.zeros((2, 3, 8, 32, 32), np.float32)).shape == (2, len(LABELS))
 
 
@@ -80,7 +82,7 @@ def registry_flow(make_cfg, manifest: str, name: str, calls) -> None:
     cfg_a = make_cfg()
     run_a = fake_training(cfg_a, val_top1=0.5, seed=0)
     check_training_run(cfg_a, run_a)
-    client = tracking.client_for(cfg_a)
+    client = client_for(cfg_a)
     fake_evaluation(cfg_a, run_a, manifest, [True, False] * 15)
 
     first = register(cfg_a, run_a, name)

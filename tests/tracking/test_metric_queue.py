@@ -7,7 +7,7 @@ from __future__ import annotations
 import threading
 import time
 
-from pipeline.tracking import MetricQueue
+from pipeline.tracking.metrics import MetricQueue
 
 
 class FlakyClient:

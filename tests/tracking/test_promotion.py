@@ -15,10 +15,12 @@ import numpy as np
 import pyarrow as pa
 import pytest
 
-from pipeline import gate, registry, tracking
-from pipeline import predictions as pred
-from pipeline.evaluate import version_model_id
-from pipeline.manifest import manifest_hash, read_manifest
+from pipeline.data.manifest import manifest_hash, read_manifest
+from pipeline.tracking import gate
+from pipeline.tracking import predictions as pred
+from pipeline.tracking import registry
+from pipeline.tracking.evaluate import version_model_id
+from pipeline.tracking.runs import client_for
 from tests.tracking.conftest import LABELS, ROOT, fake_evaluation, fake_training, tiny_config
 
 
@@ -115,7 +117,7 @@ def test_promotion_is_a_paired_test_on_logged_evaluations(embedded, paired_manif
 
     name = "uniformer-paired"
     cfg = tiny_config(manifest=paired_manifest)
-    client = tracking.client_for(cfg)
+    client = client_for(cfg)
     run_a = fake_training(cfg, val_top1=0.5, seed=0)
     fake_evaluation(cfg, run_a, paired_manifest, [True] * 15 + [False] * 15)
     registry.register(cfg, run_a, name)
@@ -165,7 +167,7 @@ def test_two_promotes_at_once_leave_one_champion_and_truthful_decisions(mlflow_s
     one moves the alias and the other sees the champion moved, decides again and reports `unchanged`."""
     name = "uniformer-race"
     cfg = tiny_config(mlflow_server, manifest=paired_manifest)
-    client = tracking.client_for(cfg)
+    client = client_for(cfg)
     run_a = fake_training(cfg, val_top1=0.5, seed=0)
     fake_evaluation(cfg, run_a, paired_manifest, [True, False] * 15)
     registry.register(cfg, run_a, name)

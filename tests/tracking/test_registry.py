@@ -4,7 +4,9 @@ from __future__ import annotations
 
 import pytest
 
-from pipeline import registry, tracking
+from pipeline.tracking import registry
+from pipeline.tracking.logged_models import finish_training_run
+from pipeline.tracking.runs import find_or_create_run
 from tests.tracking.conftest import LABELS, tiny_config
 
 
@@ -14,7 +16,7 @@ def test_registry_errors_say_what_to_do(embedded):
         registry.promote(cfg, "never-registered")
     with pytest.raises(registry.RegistryError, match="no run 'nope' at sqlite:"):
         registry.register(cfg, "nope", "x")
-    unfinished = tracking.find_or_create_run(cfg)
+    unfinished = find_or_create_run(cfg)
     with pytest.raises(registry.RegistryError, match="has no logged model 'video_classifier': was the training "
                                                      "finished"):
         registry.register(cfg, unfinished, "x")
@@ -28,4 +30,4 @@ def test_registry_errors_say_what_to_do(embedded):
 def test_finish_training_run_wants_one_label_per_class(embedded):
     cfg = tiny_config()
     with pytest.raises(ValueError, match="2 labels for a model of model.num_classes=3"):
-        tracking.finish_training_run(cfg, "unused", {"model_state": {}}, LABELS[:2])
+        finish_training_run(cfg, "unused", {"model_state": {}}, LABELS[:2])

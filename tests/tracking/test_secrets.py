@@ -9,7 +9,9 @@ from pathlib import Path
 
 import mlflow.artifacts
 
-from pipeline import registry, tracking
+from pipeline.tracking import registry
+from pipeline.tracking.redaction import secret_values
+from pipeline.tracking.runs import client_for
 from tests.tracking.conftest import fake_training, tiny_config
 
 SECRETS = {"AWS_SECRET_ACCESS_KEY": "supersecret-xyz", "MLFLOW_TRACKING_PASSWORD": "hunter2-tracking",
@@ -46,7 +48,7 @@ def test_no_secret_reaches_params_tags_metrics_or_artifacts(mlflow_server, s3_bu
         f"train.storage_path=s3://bucket/{SECRETS['AWS_SECRET_ACCESS_KEY']}/ray"))
     run_id = fake_training(cfg, val_top1=0.5)
     version = registry.register(cfg, run_id, "secret-check")["version"]
-    client = tracking.client_for(cfg)
+    client = client_for(cfg)
     assert client.get_run(run_id).data.params["model.init_from"] == "https://someone:***@weights.example.com/w.pth"
 
     texts = _texts_of(client, run_id, tmp_path / "downloaded")
@@ -66,8 +68,6 @@ def test_secret_values_survive_a_thread_that_edits_the_environment(monkeypatch):
     import os
     import threading
 
-    from pipeline import tracking
-
     monkeypatch.setenv("SOME_API_TOKEN", "token-value-123")
     stop = threading.Event()
 
@@ -80,7 +80,7 @@ def test_secret_values_survive_a_thread_that_edits_the_environment(monkeypatch):
     thread.start()
     try:
         for _ in range(2000):
-            assert "token-value-123" in tracking.secret_values()
+            assert "token-value-123" in secret_values()
     finally:
         stop.set()
         thread.join()

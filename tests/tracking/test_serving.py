@@ -19,9 +19,9 @@ import numpy as np
 import pandas as pd
 import torch
 
-from pipeline import serving
-from pipeline.clips import make_clip_rows
 from pipeline.config import StorageConfig
+from pipeline.data.clips import make_clip_rows
+from pipeline.tracking import serving
 from tests.conftest import free_port, wait_for_http
 from tests.tracking.conftest import LABELS, fake_training, tiny_config
 
@@ -103,7 +103,8 @@ def test_mlflow_models_serve_answers_bytes_and_allowed_uris(embedded, tiny_video
     """`mlflow models serve -m models:/NAME@champion --env-manager local` in its own process: a request with
     the video's bytes (base64), one with an allowed path, one with a path it must not read; and the model's
     own serving input example works as a request."""
-    from pipeline import registry, tracking
+    from pipeline.tracking import registry
+    from pipeline.tracking.runs import tracking_uri
 
     cfg = tiny_config(manifest=tiny_videos["manifest"])
     name = "uniformer-served"
@@ -112,7 +113,7 @@ def test_mlflow_models_serve_answers_bytes_and_allowed_uris(embedded, tiny_video
     videos = tiny_videos["root"] / "videos"
     port = free_port()
     # The server runs `uvicorn` from PATH: this interpreter's environment's.
-    env = {**os.environ, "MLFLOW_TRACKING_URI": tracking.tracking_uri(cfg),
+    env = {**os.environ, "MLFLOW_TRACKING_URI": tracking_uri(cfg),
            serving.ALLOWED_PREFIXES_ENV: str(videos / "right"),
            "PATH": f"{Path(sys.executable).parent}{os.pathsep}{os.environ.get('PATH', '')}"}
     log = open(tmp_path / "serve.log", "wb")

@@ -6,7 +6,10 @@ import time
 
 import pytest
 
-from pipeline import tracking
+from pipeline.tracking.datasets import dataset_labels
+from pipeline.tracking.metrics import system_metrics
+from pipeline.tracking.redaction import redact
+from pipeline.tracking.runs import client_for, find_or_create_run, mark_failed, model_cost, ray_run_name, tracking_uri
 from tests.tracking.conftest import tiny_config
 
 
@@ -15,23 +18,23 @@ def test_redact_masks_secret_env_values_and_url_passwords(monkeypatch):
     monkeypatch.setenv("MLFLOW_TRACKING_PASSWORD", "hunter2-pw")
     monkeypatch.setenv("RAY_AUTH_MODE", "token")  # short, not secret-looking values stay
     text = "key supersecret-xyz at https://alice:hunter2-pw@mlflow.example/ and http://bob:pa55word@h:5000/x token"
-    out = tracking.redact(text)
+    out = redact(text)
     assert "supersecret-xyz" not in out and "hunter2-pw" not in out and "pa55word" not in out
     assert "https://alice:***@mlflow.example/" in out and "http://bob:***@h:5000/x" in out
     assert out.endswith(" token")
 
 
 def test_model_cost_matches_the_paper():
-    cost = tracking.model_cost("uniformer_s", 400, num_frames=16, crop_size=224)
+    cost = model_cost("uniformer_s", 400, num_frames=16, crop_size=224)
     assert round(cost["param_count"] / 1e6, 2) == 21.40
     assert abs(cost["gmacs_per_clip"] - 41.7) < 0.1
 
 
 def test_new_run_records_config_dataset_model_and_code(embedded, tiny_videos):
     cfg = tiny_config(manifest=tiny_videos["manifest"])
-    run_id = tracking.find_or_create_run(cfg)
-    assert tracking.tracking_uri(cfg) == f"sqlite:///{embedded / 'mlflow.db'}"
-    client = tracking.client_for(cfg)
+    run_id = find_or_create_run(cfg)
+    assert tracking_uri(cfg) == f"sqlite:///{embedded / 'mlflow.db'}"
+    client = client_for(cfg)
     run = client.get_run(run_id)
     params, tags = run.data.params, run.data.tags
     assert params["model.variant"] == "uniformer_xs" and params["data.num_frames"] == "8"
@@ -52,34 +55,34 @@ def test_new_run_records_config_dataset_model_and_code(embedded, tiny_videos):
 
 def test_a_resumed_training_continues_its_run(embedded):
     cfg = tiny_config(run_name="resumable")
-    first = tracking.find_or_create_run(cfg)
-    assert tracking.find_or_create_run(cfg) == first  # a resume (or a restarted driver)
-    client = tracking.client_for(cfg)
+    first = find_or_create_run(cfg)
+    assert find_or_create_run(cfg) == first  # a resume (or a restarted driver)
+    client = client_for(cfg)
     client.set_terminated(first, "FAILED")  # a crashed driver, then a resume
-    assert tracking.find_or_create_run(cfg) == first
+    assert find_or_create_run(cfg) == first
     assert client.get_run(first).info.status == "RUNNING"
     client.set_terminated(first, "FINISHED")  # then trained further under the same name
-    assert tracking.find_or_create_run(cfg) == first
+    assert find_or_create_run(cfg) == first
     assert client.get_run(first).info.status == "RUNNING"
-    assert tracking.find_or_create_run(tiny_config(run_name="other")) != first
+    assert find_or_create_run(tiny_config(run_name="other")) != first
 
 
 def test_a_resume_with_another_config_or_dataset_is_refused(embedded, tiny_videos, tmp_path):
     import shutil
 
     from pipeline.config import ConfigError
-    from pipeline.manifest import read_manifest, write_manifest
+    from pipeline.data.manifest import read_manifest, write_manifest
 
     cfg = tiny_config(run_name="guarded", manifest=tiny_videos["manifest"])
-    first = tracking.find_or_create_run(cfg)
+    first = find_or_create_run(cfg)
     longer = tiny_config(run_name="guarded", manifest=tiny_videos["manifest"], extra=("optim.epochs=5",))
-    assert tracking.find_or_create_run(longer) == first  # more epochs: the allowed kind of change
-    client = tracking.client_for(cfg)
+    assert find_or_create_run(longer) == first  # more epochs: the allowed kind of change
+    client = client_for(cfg)
     assert client.get_run(first).data.tags["resumed.optim.epochs"] == "5"
     assert client.get_run(first).data.params["optim.epochs"] == "2"  # params say what the run started as
     with pytest.raises(ConfigError, match=r"continues MLflow run \w+, which trained with other values of "
                                           r"optim\.weight_decay, train\.seed; keep them, pass --new-run"):
-        tracking.find_or_create_run(tiny_config(run_name="guarded", manifest=tiny_videos["manifest"],
+        find_or_create_run(tiny_config(run_name="guarded", manifest=tiny_videos["manifest"],
                                                 extra=("optim.weight_decay=0.1", "train.seed=3")))
     changed = tmp_path / "prepared"  # the same folder name, other rows: the manifest hash tells
     shutil.copytree(tiny_videos["manifest"], changed)
@@ -87,36 +90,36 @@ def test_a_resume_with_another_config_or_dataset_is_refused(embedded, tiny_video
     write_manifest(table.slice(1), str(changed))
     moved = tiny_config(run_name="guarded", manifest=str(changed))
     with pytest.raises(ConfigError, match=r"other values of data\.manifest, data\.manifest_hash"):
-        tracking.find_or_create_run(moved)
+        find_or_create_run(moved)
 
-    fresh = tracking.find_or_create_run(moved, new_run=True)
+    fresh = find_or_create_run(moved, new_run=True)
     assert fresh != first
-    assert tracking.ray_run_name(moved, first) == "guarded"
-    assert tracking.ray_run_name(moved, fresh) == f"guarded-{fresh[:8]}"  # Ray must not resume the old one
-    assert tracking.find_or_create_run(moved) == fresh  # the newest run of the name is the one resumed
+    assert ray_run_name(moved, first) == "guarded"
+    assert ray_run_name(moved, fresh) == f"guarded-{fresh[:8]}"  # Ray must not resume the old one
+    assert find_or_create_run(moved) == fresh  # the newest run of the name is the one resumed
 
 
 def test_a_failed_training_marks_its_run_failed(embedded, monkeypatch):
     monkeypatch.setenv("MLFLOW_HTTP_REQUEST_MAX_RETRIES", "0")  # the unreachable server below fails at once
     cfg = tiny_config(run_name="doomed")
-    run_id = tracking.find_or_create_run(cfg)
-    tracking.mark_failed(cfg, run_id)
-    assert tracking.client_for(cfg).get_run(run_id).info.status == "FAILED"
+    run_id = find_or_create_run(cfg)
+    mark_failed(cfg, run_id)
+    assert client_for(cfg).get_run(run_id).info.status == "FAILED"
     unreachable = tiny_config(run_name="doomed", extra=("tracking.tracking_uri=http://127.0.0.1:1",))
-    tracking.mark_failed(unreachable, run_id)  # warns, never raises over the training's own error
+    mark_failed(unreachable, run_id)  # warns, never raises over the training's own error
 
 
 def test_system_metrics_come_from_local_rank_zero_only(embedded):
     cfg = tiny_config(run_name="sysmetrics", extra=("tracking.system_metrics=true",))
-    run_id = tracking.find_or_create_run(cfg)
-    with tracking.system_metrics(cfg, run_id, local_rank=1, node_rank=0, sampling_interval_s=0.2):
+    run_id = find_or_create_run(cfg)
+    with system_metrics(cfg, run_id, local_rank=1, node_rank=0, sampling_interval_s=0.2):
         time.sleep(0.6)
-    with tracking.system_metrics(tiny_config(run_name="sysmetrics"), run_id, local_rank=0, node_rank=0,
+    with system_metrics(tiny_config(run_name="sysmetrics"), run_id, local_rank=0, node_rank=0,
                                  sampling_interval_s=0.2):
         time.sleep(0.6)
-    client = tracking.client_for(cfg)
+    client = client_for(cfg)
     assert not [k for k in client.get_run(run_id).data.metrics if k.startswith("system/")]
-    with tracking.system_metrics(cfg, run_id, local_rank=0, node_rank=1, sampling_interval_s=0.2):
+    with system_metrics(cfg, run_id, local_rank=0, node_rank=1, sampling_interval_s=0.2):
         time.sleep(1.5)
     keys = [k for k in client.get_run(run_id).data.metrics if k.startswith("system/")]
     assert "system/node_1/cpu_utilization_percentage" in keys
@@ -128,11 +131,11 @@ def test_dataset_labels_come_from_labels_json_else_the_manifest(tiny_videos, tmp
     import shutil
 
     cfg = tiny_config(manifest=tiny_videos["manifest"])
-    assert tracking.dataset_labels(cfg) == tiny_videos["labels"]
+    assert dataset_labels(cfg) == tiny_videos["labels"]
     folder = tmp_path / "prepared"
     shutil.copytree(tiny_videos["manifest"], folder)
     (folder / "labels.json").write_text(json.dumps(["a", "b"]))
-    assert tracking.dataset_labels(tiny_config(manifest=str(folder))) == ["a", "b", "class_2"]
+    assert dataset_labels(tiny_config(manifest=str(folder))) == ["a", "b", "class_2"]
     (folder / "labels.json").write_text(json.dumps(["a", "b", "c", "d"]))
     with pytest.raises(ValueError, match="names 4 classes but model.num_classes=3; set model.num_classes=4"):
-        tracking.dataset_labels(tiny_config(manifest=str(folder)))
+        dataset_labels(tiny_config(manifest=str(folder)))

@@ -1,0 +1,2 @@
+"""The Ray cluster: connecting to it (`connect`) and submitting jobs to it (`submit`). Imports
+`pipeline.config` only."""

@@ -1,0 +1,152 @@
+"""Spatial transforms of uint8 clips `(T, H, W, C)`, the same for every frame of a clip.
+
+Training: RandAugment if asked (`pipeline.data.rand_augment`), `random_resized_crop` (+ `hflip` at
+random). Evaluation: `short_side_resize`, then `center_crop` or `three_crops`. Clips stay uint8
+in the data pipeline (4x less to move than float32); `normalize_on_device` turns a batch into
+the model's float `(B, C, T, H, W)` on the training device.
+
+Resizing runs torch's uint8 bilinear kernel on channels-last memory (antialiased when
+shrinking, like PIL), measured 3-5x faster than the same resize in float32 on one core.
+"""
+
+from __future__ import annotations
+
+import math
+from typing import Sequence
+
+import numpy as np
+import torch
+import torch.nn.functional as F
+
+from pipeline.data.rand_augment import RandAugmentSpec, rand_augment
+
+
+def _check_clip(clip: np.ndarray) -> None:
+    if clip.ndim != 4 or clip.dtype != np.uint8:
+        raise ValueError(f"clip must be uint8 (T, H, W, C), got {clip.dtype} with shape {clip.shape}")
+
+
+def _pair(size: int | Sequence[int]) -> tuple[int, int]:
+    if isinstance(size, (int, np.integer)):
+        return int(size), int(size)
+    height, width = size
+    return int(height), int(width)
+
+
+def resize(clip: np.ndarray, *, size: int | Sequence[int]) -> np.ndarray:
+    """Bilinear resize of every frame to `size` = (height, width) or a square side."""
+    _check_clip(clip)
+    height, width = _pair(size)
+    if clip.shape[1:3] == (height, width):
+        return clip
+    x = torch.from_numpy(np.ascontiguousarray(clip)).permute(0, 3, 1, 2)  # (T, C, H, W), channels-last memory
+    y = F.interpolate(x, size=(height, width), mode="bilinear", align_corners=False, antialias=True)
+    return y.permute(0, 2, 3, 1).contiguous().numpy()
+
+
+def random_resized_crop_params(height: int, width: int, *, scale: Sequence[float], ratio: Sequence[float],
+                               rng: np.random.Generator) -> tuple[int, int, int, int]:
+    """(top, left, crop_height, crop_width) as torchvision's RandomResizedCrop draws them."""
+    area = height * width
+    log_ratio = (math.log(ratio[0]), math.log(ratio[1]))
+    for _ in range(10):
+        target_area = area * rng.uniform(scale[0], scale[1])
+        aspect = math.exp(rng.uniform(*log_ratio))
+        w = int(round(math.sqrt(target_area * aspect)))
+        h = int(round(math.sqrt(target_area / aspect)))
+        if 0 < w <= width and 0 < h <= height:
+            top = int(rng.integers(0, height - h + 1))
+            left = int(rng.integers(0, width - w + 1))
+            return top, left, h, w
+    # Fallback: the whole frame, clamped to the ratio range, centred.
+    in_ratio = width / height
+    if in_ratio < ratio[0]:
+        w, h = width, int(round(width / ratio[0]))
+    elif in_ratio > ratio[1]:
+        h, w = height, int(round(height * ratio[1]))
+    else:
+        w, h = width, height
+    return (height - h) // 2, (width - w) // 2, h, w
+
+
+def random_resized_crop(clip: np.ndarray, *, size: int | Sequence[int], scale: Sequence[float] = (0.08, 1.0),
+                        ratio: Sequence[float] = (3 / 4, 4 / 3), rng: np.random.Generator) -> np.ndarray:
+    """Crop a random area fraction in `scale` with aspect ratio in `ratio`, resize to `size`;
+    the same crop for every frame."""
+    _check_clip(clip)
+    top, left, h, w = random_resized_crop_params(clip.shape[1], clip.shape[2], scale=scale, ratio=ratio, rng=rng)
+    return resize(clip[:, top:top + h, left:left + w], size=size)
+
+
+def hflip(clip: np.ndarray) -> np.ndarray:
+    """Mirror every frame left-right."""
+    _check_clip(clip)
+    # torch's flip kernel: ~7x faster than numpy copying a reversed view of 3-byte pixels
+    return torch.from_numpy(np.ascontiguousarray(clip)).flip(2).numpy()
+
+
+def train_augment(clip: np.ndarray, *, size: int, scale: Sequence[float], ratio: Sequence[float], flip: bool,
+                  rng: np.random.Generator, augment: RandAugmentSpec | None = None) -> np.ndarray:
+    """RandAugment (if `augment`), RandomResizedCrop, then a horizontal flip with probability 1/2 if `flip`.
+
+    RandAugment comes first, on the whole frames, as in the official loaders: its translations are
+    fractions of the frame and its histogram ops see the whole frame.
+    """
+    if augment is not None:
+        clip = rand_augment(clip, augment, rng=rng)
+    out = random_resized_crop(clip, size=size, scale=scale, ratio=ratio, rng=rng)
+    if flip and rng.random() < 0.5:
+        out = hflip(out)
+    return out
+
+
+def short_side_resize(clip: np.ndarray, *, size: int) -> np.ndarray:
+    """Resize so that the shorter side is `size`, keeping the aspect ratio."""
+    _check_clip(clip)
+    height, width = clip.shape[1:3]
+    if height <= width:
+        return resize(clip, size=(size, max(1, round(width * size / height))))
+    return resize(clip, size=(max(1, round(height * size / width)), size))
+
+
+def _crop_at(clip: np.ndarray, size: int, position: float) -> np.ndarray:
+    """A size x size crop centred on the short side, at `position` in [0, 1] along the long side."""
+    height, width = clip.shape[1:3]
+    if min(height, width) < size:
+        raise ValueError(f"cannot crop {size}x{size} from {height}x{width} frames; resize the short side "
+                         f"to at least {size} first (short_side_resize)")
+    if height <= width:
+        top, left = (height - size) // 2, int(round((width - size) * position))
+    else:
+        top, left = int(round((height - size) * position)), (width - size) // 2
+    return np.ascontiguousarray(clip[:, top:top + size, left:left + size])
+
+
+def center_crop(clip: np.ndarray, *, size: int) -> np.ndarray:
+    """The centred size x size crop."""
+    _check_clip(clip)
+    return _crop_at(clip, size, 0.5)
+
+
+def three_crops(clip: np.ndarray, *, size: int) -> list[np.ndarray]:
+    """Three size x size crops along the long side: left, centre, right (or top, centre, bottom)."""
+    _check_clip(clip)
+    return [_crop_at(clip, size, position) for position in (0.0, 0.5, 1.0)]
+
+
+def normalize_on_device(batch_uint8_BTHWC: torch.Tensor, mean: Sequence[float] = (0.45, 0.45, 0.45),
+                        std: Sequence[float] = (0.225, 0.225, 0.225), *,
+                        dtype: torch.dtype = torch.float32) -> torch.Tensor:
+    """uint8 (B, T, H, W, C) -> normalised float (B, C, T, H, W), on the batch's device.
+
+    `mean` and `std` are per channel in [0, 1] units (pixel / 255).
+    """
+    if batch_uint8_BTHWC.ndim != 5 or batch_uint8_BTHWC.dtype != torch.uint8:
+        raise ValueError(f"expected a uint8 (B, T, H, W, C) batch, got {batch_uint8_BTHWC.dtype} "
+                         f"{tuple(batch_uint8_BTHWC.shape)}")
+    device = batch_uint8_BTHWC.device
+    mean_t = torch.as_tensor(mean, dtype=dtype, device=device) * 255
+    inv_std = 1 / (torch.as_tensor(std, dtype=dtype, device=device) * 255)
+    x = batch_uint8_BTHWC.to(dtype)
+    x = (x - mean_t) * inv_std  # broadcasts over the channel-last axis
+    return x.permute(0, 4, 1, 2, 3).contiguous()  # (B, C, T, H, W)

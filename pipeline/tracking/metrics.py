@@ -1,0 +1,149 @@
+"""Metrics: a training's step metrics off the step's path (`MetricQueue`), system metrics from the
+workers, and metrics that belong to a logged model (MLflow 3 model metrics).
+
+    metrics = MetricQueue(client, run_id); metrics.log({...}, step)   # rank 0
+    with system_metrics(cfg, run_id): ...                             # each training worker
+"""
+
+from __future__ import annotations
+
+import contextlib
+import logging
+import time
+from typing import Iterator
+
+from mlflow.entities import Metric
+from mlflow.tracking import MlflowClient
+
+from pipeline.config import Config
+from pipeline.tracking.redaction import redact
+from pipeline.tracking.runs import tracking_uri
+
+_log = logging.getLogger(__name__)
+
+
+def log_metrics(client: MlflowClient, run_id: str, metrics: dict[str, float], step: int) -> None:
+    now = int(time.time() * 1000)
+    client.log_batch(run_id, metrics=[Metric(k, float(v), now, step) for k, v in metrics.items()])
+
+
+class MetricQueue:
+    """A training's metrics on their way to MLflow, off the training step's path.
+
+    `log` only appends to an in-memory queue; a daemon thread sends it in batches. While the
+    tracking server is down (MLflow's client gives up after about 4 minutes of its own retries)
+    the thread keeps the metrics and tries again, so an outage neither stalls the step nor loses
+    metrics. Past `max_pending` metrics the oldest are dropped, counted and warned about.
+    `close` waits up to `timeout_s` for the queue to drain and returns what stayed undelivered.
+    """
+
+    BATCH = 1000  # MLflow's limit on metrics per log_batch
+
+    def __init__(self, client: MlflowClient, run_id: str, *, max_pending: int = 1_000_000,
+                 retry_s: tuple[float, float] = (1.0, 30.0)):
+        import collections
+        import threading
+
+        self.client, self.run_id = client, run_id
+        self.max_pending, self.retry_s = max_pending, retry_s
+        self.pending: collections.deque[Metric] = collections.deque()
+        self.dropped = 0
+        self.cond = threading.Condition()
+        self.closing = False
+        self.closed = threading.Event()  # wakes a retry wait early at close
+        self.thread = threading.Thread(target=self._send_forever, name="mlflow-metrics", daemon=True)
+        self.thread.start()
+
+    def log(self, metrics: dict[str, float], step: int) -> None:
+        now = int(time.time() * 1000)
+        with self.cond:
+            self.pending.extend(Metric(k, float(v), now, step) for k, v in metrics.items())
+            overflow = len(self.pending) - self.max_pending
+            for _ in range(max(0, overflow)):
+                self.pending.popleft()
+            self.dropped += max(0, overflow)
+            self.cond.notify()
+
+    def _send_forever(self) -> None:
+        delay, failing = self.retry_s[0], False
+        while True:
+            with self.cond:
+                while not self.pending and not self.closing:
+                    self.cond.wait()
+                if not self.pending:
+                    return
+                batch = [self.pending[i] for i in range(min(self.BATCH, len(self.pending)))]
+            try:
+                self.client.log_batch(self.run_id, metrics=batch)
+            except Exception as err:  # noqa: BLE001 - any failure to deliver: keep the metrics, retry
+                if not failing:
+                    _log.warning("tracking server unreachable, metrics kept and retried: %s",
+                                 redact(str(err)).splitlines()[0][:300])
+                failing = True
+                self.closed.wait(timeout=delay)
+                delay = min(delay * 2, self.retry_s[1])
+                continue
+            if failing:
+                _log.warning("tracking server reachable again; delivering kept metrics")
+            delay, failing = self.retry_s[0], False
+            with self.cond:
+                for _ in batch:
+                    self.pending.popleft()
+                self.cond.notify_all()
+
+    def close(self, timeout_s: float = 600.0) -> int:
+        """Deliver what is queued (waiting at most `timeout_s`); returns the undelivered count."""
+        with self.cond:
+            self.closing = True
+            self.cond.notify_all()
+        self.closed.set()
+        self.thread.join(timeout=timeout_s)
+        with self.cond:
+            undelivered = len(self.pending) + self.dropped
+        if undelivered:
+            _log.warning("%d metrics of run %s could not be delivered to the tracking server", undelivered,
+                         self.run_id)
+        return undelivered
+
+
+@contextlib.contextmanager
+def system_metrics(cfg: Config, run_id: str, *, local_rank: int | None = None,
+                   node_rank: int | None = None, sampling_interval_s: float = 10.0) -> Iterator[None]:
+    """CPU, memory, disk, network (and GPU with `nvidia-ml-py`) metrics of this node into the run,
+    as `system/node_<rank>/...`, from the process with local rank 0 only; a no-op when
+    `tracking.system_metrics` is false or there is no run. Ranks come from the Ray Train context when not given."""
+    if not cfg.tracking.system_metrics or not run_id:
+        yield
+        return
+    if local_rank is None or node_rank is None:
+        try:
+            import ray.train
+
+            ctx = ray.train.get_context()
+            local_rank = ctx.get_local_rank() if local_rank is None else local_rank
+            node_rank = ctx.get_node_rank() if node_rank is None else node_rank
+        except Exception:  # noqa: BLE001 - outside Ray Train: a single process
+            local_rank = 0 if local_rank is None else local_rank
+            node_rank = 0 if node_rank is None else node_rank
+    if local_rank != 0:
+        yield
+        return
+    from mlflow.system_metrics.system_metrics_monitor import SystemMetricsMonitor
+
+    monitor = SystemMetricsMonitor(run_id, sampling_interval=sampling_interval_s, resume_logging=True,
+                                   node_id=f"node_{node_rank}", tracking_uri=tracking_uri(cfg))
+    monitor.start()
+    try:
+        yield
+    finally:
+        monitor.finish()
+
+
+def log_model_metrics(client: MlflowClient, run_id: str, model_id: str, metrics: dict[str, float], *,
+                      dataset_name: str, dataset_digest: str, step: int = 0) -> None:
+    """Metrics of the run that are also the logged model's (MLflow 3 model metrics): the registry shows
+    them on every version of that model, keyed by the dataset, rather than as version tags."""
+    now = int(time.time() * 1000)
+    client.log_batch(run_id, metrics=[Metric(k, float(v), now, step, model_id=model_id, dataset_name=dataset_name,
+                                             dataset_digest=dataset_digest) for k, v in metrics.items()])
+

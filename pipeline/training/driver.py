@@ -1,0 +1,88 @@
+"""The driver of a training: check the inputs, open (or continue) the MLflow run, fit on Ray Train.
+
+    result = run_training(cfg)          # jobs/train.py, the demo
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import time
+
+import pyarrow as pa
+
+from pipeline.config import Config, ConfigError, checkpoint_order
+from pipeline.data.manifest import read_manifest
+from pipeline.tracking.datasets import dataset_labels
+from pipeline.tracking.logged_models import finish_training_run
+from pipeline.tracking.runs import find_or_create_run, mark_failed, ray_run_name, tracking_uri, with_resolved_tracking
+from pipeline.training.loop import load_checkpoint_state, split_rows, train_loop_per_worker
+
+
+def with_absolute_inputs(cfg: Config) -> Config:
+    """`cfg` with local input paths made absolute: Train workers run in folders of their own."""
+    from pipeline.data.storage import absolute
+
+    return dataclasses.replace(cfg, data=dataclasses.replace(cfg.data, manifest=absolute(cfg.data.manifest)),
+                               model=dataclasses.replace(cfg.model, init_from=absolute(cfg.model.init_from)))
+
+
+def checked_manifest(cfg: Config) -> pa.Table:
+    """The prepared manifest, checked to hold a training batch; fails before any Ray work."""
+    if not cfg.data.manifest:
+        raise ConfigError("data.manifest is not set: pass data.manifest=URI of a prepared dataset")
+    manifest = read_manifest(cfg.data.manifest, storage=cfg.storage)
+    num_train = split_rows(manifest, cfg.data.train_split).num_rows
+    if num_train < cfg.train.batch_size:
+        raise ConfigError(f"data.manifest has {num_train} usable {cfg.data.train_split!r} videos, fewer than "
+                          f"train.batch_size={cfg.train.batch_size}")
+    return manifest
+
+
+def make_trainer(cfg: Config, run_id: str | None, *, data_source: str = "stream", ray_run_name: str = ""):
+    """The TorchTrainer of `cfg`; `run_id` None logs nothing to MLflow, `data_source="memory"` trains
+    on `memory_batches` instead of the clip stream. `ray_run_name` (default `train.run_name`) names
+    the Ray run, whose checkpoints a rerun resumes from."""
+    from ray.train import CheckpointConfig, FailureConfig, RunConfig, ScalingConfig
+    from ray.train.torch import TorchTrainer
+
+    from pipeline.data.storage import ray_storage
+
+    storage_path, storage_fs = ray_storage(cfg.train.storage_path, storage=cfg.storage)
+    return TorchTrainer(
+        train_loop_per_worker,
+        train_loop_config={"config": cfg.to_dict(), "mlflow_run_id": run_id, "data_source": data_source},
+        scaling_config=ScalingConfig(num_workers=cfg.train.num_workers, use_gpu=cfg.train.use_gpu,
+                                     resources_per_worker={"CPU": cfg.train.cpus_per_worker}),
+        run_config=RunConfig(
+            name=ray_run_name or cfg.train.run_name, storage_path=storage_path, storage_filesystem=storage_fs,
+            failure_config=FailureConfig(max_failures=cfg.train.max_failures),
+            checkpoint_config=CheckpointConfig(num_to_keep=cfg.train.keep_checkpoints,
+                                               checkpoint_score_attribute=cfg.train.checkpoint_metric,
+                                               checkpoint_score_order=checkpoint_order(cfg.train.checkpoint_metric))),
+    )
+
+
+def run_training(cfg: Config, *, new_run: bool = False) -> dict:
+    """The driver: check the inputs, open (or continue) the MLflow run, and fit on Ray Train.
+
+    The same `train.run_name` continues the same training, refused when its config or data
+    changed (beyond config.RESUMABLE_KEYS); `new_run` starts a fresh one under that name instead.
+    """
+    from pipeline.cluster.connect import init_ray
+
+    cfg = with_absolute_inputs(with_resolved_tracking(cfg))  # workers must read and log as the driver
+    manifest = checked_manifest(cfg)
+    run_id = find_or_create_run(cfg, manifest=manifest, new_run=new_run)
+    init_ray()
+    t0 = time.perf_counter()
+    try:
+        result = make_trainer(cfg, run_id, ray_run_name=ray_run_name(cfg, run_id)).fit()
+    except BaseException:
+        mark_failed(cfg, run_id)
+        raise
+    state = load_checkpoint_state(result.checkpoint)
+    models = finish_training_run(cfg, run_id, state, dataset_labels(cfg, manifest))
+    return {**models, "tracking_uri": tracking_uri(cfg), "checkpoint": result.checkpoint.path,
+            "epochs": state["epoch"],
+            "steps": state["step"], "seconds": round(time.perf_counter() - t0, 1),
+            **{k: v for k, v in state["last_val"].items() if k != "confusion"}}
