@@ -98,7 +98,7 @@ def test_gpu_test_files_are_not_collected_by_make_test():
     import subprocess
     import sys
 
-    from pipeline.bench.gpu import ROOT
+    from pipeline import PROJECT_ROOT as ROOT
 
     files = sorted(p.name for p in (ROOT / "tests" / "gpu").glob("gpu_*.py"))
     assert files == ["gpu_model.py", "gpu_train.py"]
