@@ -57,6 +57,11 @@ class DataConfig:
     test_crops: Literal[1, 3] = 1
     decode_cpus: float = 1.0  # CPUs reserved by each decode task
     decode_concurrency: int = 0  # 0 lets Ray Data choose
+    # Ray node label (key=value) of CPU-only decode nodes: decode runs only there when the cluster has
+    # any (infra/cluster/aws.yaml, infra/k8s set it); empty: anywhere.
+    decode_nodes: str = "uniformer.io/node-role=decode"
+    # Object store bytes (GB) the training's data stream may hold; 0: Ray Data's default share.
+    object_store_budget_gb: float = 0.0
 
 
 @dataclass(frozen=True)
@@ -301,6 +306,9 @@ def validate(cfg: Config) -> Config:
     _check(all(s > 0 for s in d.std), "data.std", "must be positive", d.std)
     _check(d.decode_cpus > 0, "data.decode_cpus", "must be > 0", d.decode_cpus)
     _check(d.decode_concurrency >= 0, "data.decode_concurrency", "must be >= 0", d.decode_concurrency)
+    _check(not d.decode_nodes or re.fullmatch(r"[\w./-]+=[\w.-]+", d.decode_nodes) is not None, "data.decode_nodes",
+           "must be a node label key=value, or empty", d.decode_nodes)
+    _check(d.object_store_budget_gb >= 0, "data.object_store_budget_gb", "must be >= 0", d.object_store_budget_gb)
     _check(0 <= d.random_erasing <= 1, "data.random_erasing", "must be a probability in [0, 1]", d.random_erasing)
     if d.rand_augment:
         try:
@@ -352,7 +360,8 @@ def validate(cfg: Config) -> Config:
 # would make the run's params and checkpoints describe a training that did not happen.
 RESUMABLE_KEYS = frozenset({"optim.epochs", "train.val_every_epochs", "train.checkpoint_every_epochs",
                             "train.max_failures", "train.keep_checkpoints", "train.cpus_per_worker",
-                            "data.decode_cpus", "data.decode_concurrency", "tracking.system_metrics",
+                            "data.decode_cpus", "data.decode_concurrency", "data.decode_nodes",
+                            "data.object_store_budget_gb", "tracking.system_metrics",
                             "tracking.log_every_steps"})
 
 

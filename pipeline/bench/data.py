@@ -3,7 +3,7 @@
 Over the same videos and the same per-video work (`pipeline.data.clips.make_clip_rows`: fetch the bytes,
 sample a dense clip, seek-decode, RandomResizedCrop + flip), it measures clips per second of
 (a) one plain Python loop, (b) a multiprocessing pool of W processes and (c) the Ray Data
-pipeline (`build_clip_dataset`) with W decode tasks, each after a warm-up, and reports clips/s
+pipeline (`training_stream`, one epoch) with W decode tasks, each after a warm-up, and reports clips/s
 per core and the ratio (c)/(b). On a shared machine wall-clock rates swing with other people's load,
 so every mode also reports the CPU seconds it consumed in all of its processes (this one, the
 pool's, and Ray's own: raylet, GCS, workers) and clips per CPU second, which is what a dedicated
@@ -94,7 +94,7 @@ def write_bench_videos(work_dir: str, spec: BenchVideos, *, frame_stride: int,
 
 
 def bench_manifest(paths: list[str], *, frame_stride: int) -> pa.Table:
-    """A minimal manifest (the columns `make_clip_rows` and `build_clip_dataset` read)."""
+    """A minimal manifest (the columns `make_clip_rows` and `training_stream` read)."""
     n = len(paths)
     return pa.table({"path": paths, "label": pa.array(np.arange(n) % 2, pa.int64()), "split": ["train"] * n,
                      "status": ["ok"] * n, "frame_stride": pa.array([frame_stride] * n, pa.int64())})
@@ -179,13 +179,14 @@ def measure_pool(rows: list[dict[str, Any]], data: DataConfig, storage: StorageC
 def measure_ray(rows: list[dict[str, Any]], data: DataConfig, storage: StorageConfig, *,
                 workers: int, count_cpu: bool = True) -> dict[str, float]:
     """Ray Data over the rows; `count_cpu` when Ray's processes descend from this one (a local Ray)."""
-    from pipeline.data.clips import build_clip_dataset
+    from pipeline.data.clips import training_stream
 
     data = dataclasses.replace(data, decode_concurrency=workers, decode_cpus=1.0)
     table = pa.Table.from_pylist(rows)
 
     def run(manifest: pa.Table) -> tuple[int, int, float, float, float]:
-        ds = build_clip_dataset(manifest, split="train", data=data, storage=storage, training=True, seed=0)
+        ds = training_stream(manifest, split="train", data=data, storage=storage, seed=0, epochs=range(1),
+                             videos_per_epoch=manifest.num_rows)
         start, cpu = time.perf_counter(), tree_cpu_s()
         first = None
         count = valid = 0

@@ -158,7 +158,7 @@ def run_outage_bench(cfg: Config, *, outage_s: float, manifest_uri: str = "", st
     from pipeline.cluster.connect import init_ray
     from pipeline.tracking.runs import find_or_create_run
     from pipeline.training.driver import checked_manifest, make_trainer, with_absolute_inputs
-    from pipeline.training.loop import split_rows, steps_per_epoch
+    from pipeline.training.ingest import steps_per_epoch, usable_rows
 
     if not manifest_uri:
         manifest_uri = synth_manifest(work_dir, classes=cfg.model.num_classes, videos_per_class=videos_per_class,
@@ -171,7 +171,7 @@ def run_outage_bench(cfg: Config, *, outage_s: float, manifest_uri: str = "", st
                                   storage_path=str(Path(work_dir) / "ray_results")),
         tracking=dataclasses.replace(cfg.tracking, tracking_uri=server.url, system_metrics=False, log_every_steps=1)))
     manifest = checked_manifest(cfg)
-    epoch_steps = min(steps, steps_per_epoch(cfg, split_rows(manifest, cfg.data.train_split).num_rows))
+    epoch_steps = min(steps, steps_per_epoch(cfg, usable_rows(manifest, cfg.data.train_split).num_rows))
     epochs = -(-steps // epoch_steps)
     cfg = dataclasses.replace(cfg, optim=dataclasses.replace(cfg.optim, epochs=epochs, warmup_epochs=0),
                               train=dataclasses.replace(cfg.train, max_steps_per_epoch=epoch_steps,

@@ -1,8 +1,10 @@
 """Manifest rows -> streams of decoded, augmented uint8 clips, in plain Python and on Ray Data.
 
 `make_clip_rows` is the whole per-video work (fetch the bytes, sample frame indices, seek-decode,
-crop/flip) and is the one implementation: `build_clip_dataset` maps it over a manifest split
-in parallel Ray tasks, and the data benchmark runs it in a plain loop and a process pool.
+crop/flip) and is the one implementation: `training_stream` (every epoch of a training, one
+stream that Ray Train splits across its workers) and `view_dataset` (evaluation views) map it
+over a manifest split in parallel Ray tasks; the data benchmark runs it in a plain loop and a
+process pool.
 
 Every video yields a fixed number of rows: `data.repeated_aug` clips when training, `test_clips x
 test_crops` views when evaluating. A video that cannot be fetched or decoded (or, at evaluation,
@@ -120,12 +122,6 @@ def stack_rows(rows: list[dict[str, Any]]) -> dict[str, np.ndarray]:
             "valid": np.asarray([r["valid"] for r in rows], dtype=bool)}
 
 
-def _clip_batches(batch: pa.Table, *, data: DataConfig, storage: StorageConfig, training: bool, seed: int,
-                  epoch: int) -> Iterator[dict[str, np.ndarray]]:
-    for row in batch.to_pylist():  # one output batch per video; Ray Data packs them into blocks
-        yield stack_rows(make_clip_rows(row, data=data, storage=storage, training=training, seed=seed, epoch=epoch))
-
-
 def select_rows(manifest: pa.Table, *, split: str, training: bool) -> pa.Table:
     """The split's rows with a `video_id` column; training keeps only `ok` rows, evaluation keeps
     all of them (the unusable ones come out as `valid=False`)."""
@@ -176,36 +172,73 @@ def videos_per_task(num_videos: int, slots: int) -> int:
     return max(1, min(_MAX_VIDEOS_PER_TASK, -(-num_videos // (4 * slots))))
 
 
-def build_clip_dataset(manifest: pa.Table, *, split: str, data: DataConfig, storage: StorageConfig,
-                       training: bool, seed: int, epoch: int = 0):
-    """A streaming Ray Dataset of the split's clips (columns in the module docstring).
+def decode_placement(data: DataConfig) -> dict[str, Any]:
+    """Where decode tasks run: only on nodes labelled `data.decode_nodes` (`key=value`) when the
+    cluster has any, else anywhere, at most `data.decode_concurrency` tasks at once (0: Ray Data's
+    choice). Returns `map_batches` keyword arguments."""
+    import ray
 
-    Training: `ok` rows in a new order each epoch (reproducible from seed and epoch), each video
-    yielding `data.repeated_aug` randomly sampled and augmented clips. Evaluation: every row of
-    the split in manifest order, `test_clips x test_crops` deterministic views each. Decoding runs
-    in Ray tasks of `data.decode_cpus` CPUs, at most `data.decode_concurrency` at once (0: Ray's
-    choice); bytes are streamed from storage, never written to local disk.
+    placement: dict[str, Any] = {"num_cpus": data.decode_cpus}
+    if data.decode_concurrency:
+        placement["compute"] = ray.data.TaskPoolStrategy(size=data.decode_concurrency)
+    if data.decode_nodes and ray.is_initialized():
+        key, value = data.decode_nodes.split("=", 1)
+        if any(n["Alive"] and n.get("Labels", {}).get(key) == value for n in ray.nodes()):
+            placement["label_selector"] = {key: value}
+    return placement
+
+
+def _train_task_clips(batch: dict[str, np.ndarray], *, rows: pa.Table, first_epoch: int, tasks_per_epoch: int,
+                      videos_per_epoch: int, per_task: int, data: DataConfig, storage: StorageConfig,
+                      seed: int) -> Iterator[dict[str, np.ndarray]]:
+    """The clips of the training tasks numbered in `batch["id"]`: task t decodes slice t % T of epoch
+    first_epoch + t // T's order; every draw comes from (seed, epoch, video)."""
+    for task in batch["id"].tolist():
+        epoch, slot = first_epoch + task // tasks_per_epoch, task % tasks_per_epoch
+        order = epoch_order(rows.num_rows, seed=seed, epoch=epoch)[:videos_per_epoch]
+        for row in rows.take(order[slot * per_task:(slot + 1) * per_task]).to_pylist():
+            clips = stack_rows(make_clip_rows(row, data=data, storage=storage, training=True, seed=seed, epoch=epoch))
+            yield {**clips, "epoch": np.full(len(clips["label"]), epoch, dtype=np.int64)}
+
+
+def training_stream(manifest: pa.Table, *, split: str, data: DataConfig, storage: StorageConfig, seed: int,
+                    epochs: range, videos_per_epoch: int):
+    """One Ray Dataset of every training clip of `epochs`, for all workers together (Ray Train splits
+    it): per epoch the first `videos_per_epoch` usable videos of the (seed, epoch) order, each giving
+    `data.repeated_aug` clips, with an `epoch` column besides the usual ones.
+
+    The source is one small row per decode task (`range`, one block per epoch, cut into one-row
+    blocks as it streams), so starting costs nothing per epoch or per worker, and the number of
+    tasks per epoch depends on the cluster's decode slots, not on the number of trainers. Ray Data's
+    resource budgets and backpressure bound how far decoding runs ahead of the trainers.
     """
     import ray.data
 
-    rows = select_rows(manifest, split=split, training=training)
-    if training:
-        rows = rows.take(pa.array(epoch_order(rows.num_rows, seed=seed, epoch=epoch)))
+    rows = select_rows(manifest, split=split, training=True)
+    videos_per_epoch = min(videos_per_epoch, rows.num_rows)
+    per_task = videos_per_task(videos_per_epoch, decode_slots(data))
+    tasks_per_epoch = -(-videos_per_epoch // per_task)
+    tasks = ray.data.range(len(epochs) * tasks_per_epoch, override_num_blocks=max(1, len(epochs)))
+    return tasks.repartition(target_num_rows_per_block=1).map_batches(
+        _train_task_clips, batch_size=None, **decode_placement(data),
+        fn_kwargs={"rows": rows, "first_epoch": epochs.start, "tasks_per_epoch": tasks_per_epoch,
+                   "videos_per_epoch": videos_per_epoch, "per_task": per_task, "data": data, "storage": storage,
+                   "seed": seed})
+
+
+def _view_batches(batch: pa.Table, *, data: DataConfig, storage: StorageConfig) -> Iterator[dict[str, np.ndarray]]:
+    for row in batch.to_pylist():  # one output batch per video; Ray Data packs them into blocks
+        yield stack_rows(make_clip_rows(row, data=data, storage=storage, training=False, seed=0))
+
+
+def view_dataset(manifest: pa.Table, *, split: str, data: DataConfig, storage: StorageConfig):
+    """A Ray Dataset of the evaluation views of every row of the split, in manifest order:
+    `test_clips x test_crops` deterministic views per video, `valid=False` rows for the unusable."""
+    import ray.data
+
+    rows = select_rows(manifest, split=split, training=False)
     per_block = videos_per_task(rows.num_rows, decode_slots(data))
     blocks = [rows.slice(i, per_block) for i in range(0, rows.num_rows, per_block)]
-    compute = ray.data.TaskPoolStrategy(size=data.decode_concurrency) if data.decode_concurrency else None
-    # One operator, so Ray Data's per-operator resource reservation only holds decode tasks back
-    # (measured on 2 CPUs: 4.97 s instead of 3.36 s for the same sleeping tasks); the dataset keeps
-    # the context it is created with, so this changes nothing for other datasets.
-    context = ray.data.DataContext.get_current()
-    saved = context.op_resource_reservation_enabled, context.execution_options.preserve_order
-    context.op_resource_reservation_enabled = False
-    # Clips leave in the seeded order, so the same seed gives the same batches (and first loss).
-    context.execution_options.preserve_order = True
-    try:
-        return ray.data.from_arrow(blocks).map_batches(
-            _clip_batches, batch_size=per_block, batch_format="pyarrow", compute=compute,
-            num_cpus=data.decode_cpus,
-            fn_kwargs={"data": data, "storage": storage, "training": training, "seed": seed, "epoch": epoch})
-    finally:
-        context.op_resource_reservation_enabled, context.execution_options.preserve_order = saved
+    return ray.data.from_arrow(blocks).map_batches(_view_batches, batch_size=per_block, batch_format="pyarrow",
+                                                   **decode_placement(data),
+                                                   fn_kwargs={"data": data, "storage": storage})

@@ -148,13 +148,13 @@ def score_videos(net, table, *, split: str, data: DataConfig, cfg: Config, batch
     import torch
 
     from pipeline.cluster.connect import init_ray
-    from pipeline.data.clips import build_clip_dataset
+    from pipeline.data.clips import view_dataset
     from pipeline.data.transforms import normalize_on_device
 
     init_ray()
     device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
     net = net.to(device).eval()
-    ds = build_clip_dataset(table, split=split, data=data, storage=cfg.storage, training=False, seed=0)
+    ds = view_dataset(table, split=split, data=data, storage=cfg.storage)
     videos: dict[int, dict] = {}
     for batch in ds.iter_batches(batch_size=batch_size, batch_format="numpy"):
         valid = np.asarray(batch["valid"], dtype=bool)

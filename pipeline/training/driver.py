@@ -15,7 +15,8 @@ from pipeline.data.manifest import read_manifest
 from pipeline.tracking.datasets import dataset_labels
 from pipeline.tracking.logged_models import finish_training_run
 from pipeline.tracking.runs import find_or_create_run, mark_failed, ray_run_name, tracking_uri, with_resolved_tracking
-from pipeline.training.loop import load_checkpoint_state, split_rows, train_loop_per_worker
+from pipeline.training.ingest import ClipDataConfig, training_datasets, usable_rows
+from pipeline.training.loop import load_checkpoint_state, train_loop_per_worker
 
 
 def with_absolute_inputs(cfg: Config) -> Config:
@@ -31,30 +32,37 @@ def checked_manifest(cfg: Config) -> pa.Table:
     if not cfg.data.manifest:
         raise ConfigError("data.manifest is not set: pass data.manifest=URI of a prepared dataset")
     manifest = read_manifest(cfg.data.manifest, storage=cfg.storage)
-    num_train = split_rows(manifest, cfg.data.train_split).num_rows
+    num_train = usable_rows(manifest, cfg.data.train_split).num_rows
     if num_train < cfg.train.batch_size:
         raise ConfigError(f"data.manifest has {num_train} usable {cfg.data.train_split!r} videos, fewer than "
                           f"train.batch_size={cfg.train.batch_size}")
     return manifest
 
 
-def make_trainer(cfg: Config, run_id: str | None, *, data_source: str = "stream", ray_run_name: str = ""):
+def make_trainer(cfg: Config, run_id: str | None, *, manifest: pa.Table | None = None, data_source: str = "stream",
+                 ray_run_name: str = ""):
     """The TorchTrainer of `cfg`; `run_id` None logs nothing to MLflow, `data_source="memory"` trains
     on `memory_batches` instead of the clip stream. `ray_run_name` (default `train.run_name`) names
-    the Ray run, whose checkpoints a rerun resumes from."""
+    the Ray run, whose checkpoints a rerun resumes from; `manifest` is the table when already read."""
     from ray.train import CheckpointConfig, FailureConfig, RunConfig, ScalingConfig
     from ray.train.torch import TorchTrainer
 
     from pipeline.data.storage import ray_storage
 
     storage_path, storage_fs = ray_storage(cfg.train.storage_path, storage=cfg.storage)
+    ray_run_name = ray_run_name or cfg.train.run_name
+    datasets = None
+    if data_source == "stream":
+        manifest = manifest if manifest is not None else read_manifest(cfg.data.manifest, storage=cfg.storage)
+        datasets = training_datasets(cfg, ray_run_name, manifest)
     return TorchTrainer(
         train_loop_per_worker,
         train_loop_config={"config": cfg.to_dict(), "mlflow_run_id": run_id, "data_source": data_source},
+        datasets=datasets, dataset_config=ClipDataConfig(cfg.data.object_store_budget_gb),
         scaling_config=ScalingConfig(num_workers=cfg.train.num_workers, use_gpu=cfg.train.use_gpu,
                                      resources_per_worker={"CPU": cfg.train.cpus_per_worker}),
         run_config=RunConfig(
-            name=ray_run_name or cfg.train.run_name, storage_path=storage_path, storage_filesystem=storage_fs,
+            name=ray_run_name, storage_path=storage_path, storage_filesystem=storage_fs,
             failure_config=FailureConfig(max_failures=cfg.train.max_failures),
             checkpoint_config=CheckpointConfig(num_to_keep=cfg.train.keep_checkpoints,
                                                checkpoint_score_attribute=cfg.train.checkpoint_metric,
@@ -76,7 +84,7 @@ def run_training(cfg: Config, *, new_run: bool = False) -> dict:
     init_ray()
     t0 = time.perf_counter()
     try:
-        result = make_trainer(cfg, run_id, ray_run_name=ray_run_name(cfg, run_id)).fit()
+        result = make_trainer(cfg, run_id, manifest=manifest, ray_run_name=ray_run_name(cfg, run_id)).fit()
     except BaseException:
         mark_failed(cfg, run_id)
         raise

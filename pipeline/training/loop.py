@@ -1,7 +1,8 @@
 """The loop each Ray Train worker runs (`train_loop_per_worker`), with its helpers.
 
-It reads top to bottom: build model and optimizer, resume from the latest checkpoint,
-then per epoch stream this worker's clips through Ray Data, step, validate, checkpoint.
+It reads top to bottom: build model and optimizer, resume from the latest checkpoint, then per
+epoch take this worker's steps from its shard of the one clip stream (pipeline.training.ingest),
+step, validate, checkpoint.
 """
 
 from __future__ import annotations
@@ -9,6 +10,7 @@ from __future__ import annotations
 import contextlib
 import dataclasses
 import itertools
+import json
 import logging
 import sys
 import tempfile
@@ -17,7 +19,6 @@ from pathlib import Path
 from typing import Callable
 
 import numpy as np
-import pyarrow as pa
 import ray
 import ray.data
 import ray.train
@@ -29,37 +30,17 @@ import torch.nn.functional as F
 from model import create_uniformer, load_pretrained
 from pipeline.config import (Config, ConfigError, changed_keys, checkpoint_order, config_from_dict, identity_digest,
                              training_identity)
-from pipeline.data.clips import build_clip_dataset, clip_shape
+from pipeline.data.clips import clip_shape
 from pipeline.data.manifest import manifest_hash, read_manifest
 from pipeline.data.transforms import normalize_on_device
 from pipeline.tracking.metrics import MetricQueue, system_metrics
 from pipeline.tracking.runs import client_for
 from pipeline.training import recipe
+from pipeline.training.ingest import PROGRESS_FILE, TRAIN, VAL, steps_per_epoch, usable_rows
 
 CHECKPOINT_FILE = "checkpoint.pt"
 # Ray Train routes workers' logging to the driver; its patched print() would show each line twice.
 log = logging.getLogger(__name__)
-
-
-def split_rows(manifest: pa.Table, split: str) -> pa.Table:
-    mask = pa.compute.and_(pa.compute.equal(manifest["split"], split), pa.compute.equal(manifest["status"], "ok"))
-    return manifest.filter(mask)
-
-
-def worker_shard(rows: pa.Table, *, rank: int, world: int, seed: int, epoch: int, equal: bool) -> pa.Table:
-    """This worker's rows. Training: a new seeded permutation each epoch, cut into equal shards so
-    that every worker takes the same number of steps. Validation: every video exactly once."""
-    order = np.arange(rows.num_rows)
-    if equal:
-        order = np.random.default_rng([seed, epoch]).permutation(rows.num_rows)
-        order = order[: rows.num_rows // world * world]
-    return rows.take(order[rank::world])
-
-
-def steps_per_epoch(cfg: Config, num_train_videos: int) -> int:
-    clips_per_worker = num_train_videos // cfg.train.num_workers * cfg.data.repeated_aug
-    steps = clips_per_worker * cfg.train.num_workers // cfg.train.batch_size
-    return min(steps, cfg.train.max_steps_per_epoch) if cfg.train.max_steps_per_epoch else steps
 
 
 def autocast(cfg: Config, device: torch.device):
@@ -76,17 +57,15 @@ def all_reduce_sum(tensor: torch.Tensor) -> torch.Tensor:
 
 
 @torch.no_grad()
-def validate(model, cfg: Config, rows: pa.Table, device: torch.device) -> dict:
-    """Loss, top-1, top-5 and mean-class accuracy from counts summed over workers; one view per video."""
+def validate(model, cfg: Config, views, device: torch.device) -> dict:
+    """Loss, top-1, top-5 and mean-class accuracy from counts summed over workers; one view per
+    video (`views`: this worker's shard of the validation views, or None without a validation split)."""
     model.eval()
     num_classes = cfg.model.num_classes
-    view = dataclasses.replace(cfg.data, test_clips=1, test_crops=1)
     confusion = torch.zeros(num_classes, num_classes, dtype=torch.float64, device=device)
     sums = torch.zeros(4, dtype=torch.float64, device=device)  # loss, top1, top5, unusable
-    if rows.num_rows:
-        ds = build_clip_dataset(rows, split=cfg.data.val_split, data=view, storage=cfg.storage,
-                                training=False, seed=cfg.train.seed)
-        for batch in ds.iter_torch_batches(batch_size=max(1, cfg.train.batch_size // cfg.train.num_workers)):
+    if views is not None:
+        for batch in views.iter_torch_batches(batch_size=max(1, cfg.train.batch_size // cfg.train.num_workers)):
             valid = batch["valid"].to(device)
             sums[3] += (~valid).sum()
             if not valid.any():
@@ -121,6 +100,7 @@ def validate(model, cfg: Config, rows: pa.Table, device: torch.device) -> dict:
 
 def save_checkpoint(directory: Path, state: dict) -> ray.train.Checkpoint:
     torch.save(state, directory / CHECKPOINT_FILE)
+    (directory / PROGRESS_FILE).write_text(json.dumps({"epoch": state["epoch"], "step": state["step"]}))
     return ray.train.Checkpoint.from_directory(str(directory))
 
 
@@ -134,6 +114,19 @@ def memory_batches(cfg: Config, micro_batch: int, seed: int, pin: bool = False):
     if pin:
         batches = [{k: v.pin_memory() for k, v in batch.items()} for batch in batches]
     yield from itertools.cycle(batches)
+
+
+def stream_from(stream, start_epoch: int):
+    """The clip stream, checked to start at the checkpoint's epoch: clips of an older epoch first
+    would mean the stream was built from an older checkpoint than the one the worker resumed."""
+    first = next(stream, None)
+    if first is None:
+        return stream
+    if int(first["epoch"].min()) < start_epoch:
+        raise RuntimeError(f"the clip stream starts at epoch {int(first['epoch'].min())} but the checkpoint at epoch "
+                           f"{start_epoch}: it was built from an older checkpoint")
+    log.info(f"clip stream starts at epoch {int(first['epoch'].min())}")
+    return itertools.chain([first], stream)
 
 
 def load_checkpoint_state(checkpoint: ray.train.Checkpoint) -> dict:
@@ -210,9 +203,7 @@ def train_loop_per_worker(loop_config: dict) -> None:
     device = ray.train.torch.get_device()
     manifest = read_manifest(cfg.data.manifest, storage=cfg.storage)
     identity = training_identity(cfg, manifest_hash(manifest))
-    train_rows = split_rows(manifest, cfg.data.train_split)
-    # Validation takes every row of its split: unusable videos are counted, not skipped.
-    val_rows = manifest.filter(pa.compute.equal(manifest["split"], cfg.data.val_split))
+    num_train_videos = usable_rows(manifest, cfg.data.train_split).num_rows
 
     checkpoint = ray.train.get_checkpoint()
     state = load_checkpoint_state(checkpoint) if checkpoint else None
@@ -222,7 +213,7 @@ def train_loop_per_worker(loop_config: dict) -> None:
     model, net, optimizer, scaler, ema = ts.model, ts.net, ts.optimizer, ts.scaler, ts.ema
     micro_batch = cfg.train.batch_size // (world * cfg.optim.grad_accum_steps)
     base_lr = cfg.base_lr()
-    epoch_steps = steps_per_epoch(cfg, train_rows.num_rows)
+    epoch_steps = steps_per_epoch(cfg, num_train_videos)
     total_steps = epoch_steps * cfg.optim.epochs
     warmup_steps = int(epoch_steps * cfg.optim.warmup_epochs)
 
@@ -236,21 +227,19 @@ def train_loop_per_worker(loop_config: dict) -> None:
     # Rank 0's metrics leave through a queue drained by a thread: no step waits on the tracking server.
     metric_queue = MetricQueue(client_for(cfg), run_id) if is_rank0 and run_id else None
     pin = device.type == "cuda"  # pinned host batches let the copies below overlap compute
+    if loop_config.get("data_source") == "memory":
+        batches, val_views = memory_batches(cfg, micro_batch, seed=cfg.train.seed + rank, pin=pin), None
+    else:
+        # One iterator over every remaining epoch; each epoch takes its steps' batches from it.
+        batches = stream_from(iter(ray.train.get_dataset_shard(TRAIN).iter_torch_batches(
+            batch_size=micro_batch, drop_last=True, prefetch_batches=2, device="cpu", pin_memory=pin)), start_epoch)
+        val_views = ray.train.get_dataset_shard(VAL) if cfg.data.val_split in manifest["split"].to_pylist() else None
     with system_metrics(cfg, run_id):
         for epoch in range(start_epoch, cfg.optim.epochs):
             # Every random draw derives from (seed, rank, epoch): a resumed run repeats an uninterrupted one.
             torch.manual_seed(cfg.train.seed * 100_003 + epoch * 1_009 + rank)
             mix_rng = np.random.default_rng([cfg.train.seed, rank, epoch])
             erase_rng = np.random.default_rng([cfg.train.seed, rank, epoch, 1])  # mixup's draws stay as they were
-            if loop_config.get("data_source") == "memory":
-                batches = memory_batches(cfg, micro_batch, seed=cfg.train.seed + rank, pin=pin)
-            else:
-                shard = worker_shard(train_rows, rank=rank, world=world, seed=cfg.train.seed, epoch=epoch,
-                                     equal=True)
-                ds = build_clip_dataset(shard, split=cfg.data.train_split, data=cfg.data, storage=cfg.storage,
-                                        training=True, seed=cfg.train.seed, epoch=epoch)
-                batches = iter(ds.iter_torch_batches(batch_size=micro_batch, drop_last=True, prefetch_batches=2,
-                                                     device="cpu", pin_memory=pin))
             model.train()
             # Running sums stay on the device and are read once per log interval: no per-step sync.
             sums = torch.zeros(3, dtype=torch.float64, device=device)  # loss, skipped clips, micro-steps
@@ -306,7 +295,6 @@ def train_loop_per_worker(loop_config: dict) -> None:
                     sums.zero_()
                     interval_t0, interval_wait_s, interval_clips = time.perf_counter(), 0.0, 0
 
-            batches.close()  # stop this epoch's Ray Data executor: a lingering one holds decode CPUs
             epoch += 1
             epoch_s = time.perf_counter() - epoch_t0
             # This worker's clips/s and data wait over the epoch (every rank steps in lockstep under DDP).
@@ -314,9 +302,7 @@ def train_loop_per_worker(loop_config: dict) -> None:
             if epoch % cfg.train.val_every_epochs == 0 or epoch == cfg.optim.epochs:
                 # The plain network, never the DDP wrapper: its forward broadcasts buffers, and a rank
                 # with fewer validation batches would leave the others waiting in that collective.
-                last_val = validate(ema.module if ema is not None else net, cfg,
-                                    worker_shard(val_rows, rank=rank, world=world, seed=0, epoch=0, equal=False),
-                                    device)
+                last_val = validate(ema.module if ema is not None else net, cfg, val_views, device)
                 fresh.update({k: v for k, v in last_val.items() if k != "confusion"})
             if metric_queue:
                 metric_queue.log(fresh, step)

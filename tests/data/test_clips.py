@@ -7,7 +7,7 @@ import pyarrow as pa
 import pytest
 
 from pipeline.config import DataConfig, StorageConfig
-from pipeline.data.clips import build_clip_dataset, epoch_order, make_clip_rows, select_rows
+from pipeline.data.clips import epoch_order, make_clip_rows, select_rows, training_stream, view_dataset
 from pipeline.data.manifest import to_table
 from pipeline.data.synth import synth_dataset
 
@@ -126,22 +126,24 @@ def test_make_clip_rows_from_s3(manifest, s3_bucket):
 # Ray Data
 
 
-@pytest.fixture
-def ordered(ray_local):
-    """Keep output order, so that the epoch's order can be compared run to run."""
-    import ray.data
+def stream_rows(manifest, epochs: range, videos_per_epoch: int = 7, seed: int = 7) -> dict[tuple, np.ndarray]:
+    """{(epoch, video_id, view): clip} of a training stream, checking that no key comes twice."""
+    ds = training_stream(manifest, split="train", data=DATA, storage=STORAGE, seed=seed, epochs=epochs,
+                         videos_per_epoch=videos_per_epoch)
+    clips = {}
+    for batch in ds.iter_batches(batch_size=4, batch_format="numpy"):
+        for epoch, video, view, clip in zip(batch["epoch"], batch["video_id"], batch["view"], batch["clip"]):
+            key = (int(epoch), int(video), int(view))
+            assert key not in clips
+            clips[key] = clip
+    return clips
 
-    ctx = ray.data.DataContext.get_current()
-    saved = ctx.execution_options.preserve_order
-    ctx.execution_options.preserve_order = True
-    yield
-    ctx.execution_options.preserve_order = saved
 
-
-def test_training_dataset_batches_convert_to_torch(manifest, ray_local):
+def test_training_stream_batches_convert_to_torch(manifest, ray_local):
     import torch
 
-    ds = build_clip_dataset(manifest, split="train", data=DATA, storage=STORAGE, training=True, seed=0)
+    ds = training_stream(manifest, split="train", data=DATA, storage=STORAGE, seed=0, epochs=range(1),
+                         videos_per_epoch=7)
     batches = list(ds.iter_torch_batches(batch_size=4))
     clips = torch.cat([b["clip"] for b in batches])
     valid = torch.cat([b["valid"] for b in batches])
@@ -152,23 +154,30 @@ def test_training_dataset_batches_convert_to_torch(manifest, ray_local):
     assert not clips[~valid].any()
 
 
-def test_epochs_reshuffle_reproducibly(manifest, ordered):
-    def run(epoch):
-        rows = build_clip_dataset(manifest, split="train", data=DATA, storage=STORAGE, training=True, seed=7,
-                                  epoch=epoch).take_all()
-        return [r["video_id"] for r in rows], np.stack([r["clip"] for r in rows])
+def test_every_epoch_in_one_stream_and_a_clip_depends_on_seed_epoch_and_video_only(manifest, ray_local):
+    whole = stream_rows(manifest, range(0, 3), videos_per_epoch=5)
+    ids = sorted({(e, v) for e, v, _ in whole})
+    for epoch in range(3):  # each epoch: the first 5 videos of its own order, repeated_aug clips each
+        usable = select_rows(manifest, split="train", training=True)["video_id"].to_pylist()
+        expected = {usable[i] for i in epoch_order(len(usable), seed=7, epoch=epoch)[:5]}
+        assert {v for e, v in ids if e == epoch} == expected
+        assert sorted(view for e, v, view in whole if e == epoch) == sorted([0, 1] * 5)
+    # A resumed run streams from its checkpoint's epoch: the same clips, pixel for pixel.
+    resumed = stream_rows(manifest, range(2, 3), videos_per_epoch=5)
+    assert set(resumed) == {k for k in whole if k[0] == 2}
+    for key, clip in resumed.items():
+        np.testing.assert_array_equal(clip, whole[key])
+    assert any((whole[k] != whole[(1, k[1], k[2])]).any() for k in whole if k[0] == 0 and (1, k[1], k[2]) in whole)
 
-    ids0, clips0 = run(0)
-    ids0_again, clips0_again = run(0)
-    ids1, clips1 = run(1)
-    assert ids0 == ids0_again
-    np.testing.assert_array_equal(clips0, clips0_again)
-    assert sorted(ids0) == sorted(ids1) and ids0 != ids1
-    assert ids0[0::2] == ids0[1::2]  # repeated augmentation: a video's clips come together
+
+def test_no_epochs_left_is_an_empty_stream(manifest, ray_local):
+    ds = training_stream(manifest, split="train", data=DATA, storage=STORAGE, seed=0, epochs=range(3, 3),
+                         videos_per_epoch=7)
+    assert ds.count() == 0
 
 
 def test_evaluation_views_and_unusable_rows(manifest, ray_local):
-    ds = build_clip_dataset(manifest, split="val", data=DATA, storage=STORAGE, training=False, seed=0)
+    ds = view_dataset(manifest, split="val", data=DATA, storage=STORAGE)
     rows = ds.take_all()
     assert len(rows) == 4 * DATA.test_clips * DATA.test_crops
     by_video = {}

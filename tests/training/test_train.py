@@ -86,8 +86,7 @@ def test_learns_the_motion_set_and_survives_a_lost_worker(tmp_path, motion_set, 
     assert len(speeds) >= summary["epochs"] and all(m.value > 0 for m in speeds)  # a recovered epoch logs twice
 
 
-def test_resume_continues_at_the_right_step_and_seed_fixes_the_first_loss(tmp_path, motion_set,
-                                                                             two_node_cluster):
+def test_resume_continues_at_the_checkpoints_step_and_epoch(tmp_path, motion_set, two_node_cluster):
     # A relative manifest path: Train workers run in other folders, so the driver must resolve it.
     short = (f"data.manifest={os.path.relpath(motion_set, ROOT)}", "train.max_steps_per_epoch=2",
              "optim.warmup_epochs=0")
@@ -95,12 +94,8 @@ def test_resume_continues_at_the_right_step_and_seed_fixes_the_first_loss(tmp_pa
     assert (first["epochs"], first["steps"]) == (1, 2)
     resumed, log = run_train(tmp_path, two_node_cluster, *short, "train.run_name=resume", "optim.epochs=2")
     assert "resumed from checkpoint at epoch 1, step 2" in log
+    assert "clip stream starts at epoch 1" in log  # the stream was built from the checkpoint, not epoch 0
     assert (resumed["epochs"], resumed["steps"], resumed["run_id"]) == (2, 4, first["run_id"])
-    again, _ = run_train(tmp_path, two_node_cluster, *short, "train.run_name=again", "optim.epochs=1")
-    client = MlflowClient(f"sqlite:///{tmp_path / 'mlflow.db'}")
-    first_loss = [m.value for m in client.get_metric_history(first["run_id"], "train_loss") if m.step == 1]
-    again_loss = [m.value for m in client.get_metric_history(again["run_id"], "train_loss") if m.step == 1]
-    assert first_loss == pytest.approx(again_loss, rel=1e-5)
 
 
 @pytest.mark.parametrize("override, message", [

@@ -1,0 +1,117 @@
+"""The data a training reads: one clip stream for all its workers, and the validation views.
+
+    trainer = TorchTrainer(..., datasets=training_datasets(cfg, ray_run_name, manifest),
+                           dataset_config=ClipDataConfig())
+    shard = ray.train.get_dataset_shard(TRAIN)      # in each worker, iterated once for the whole run
+
+The training stream is one Ray Dataset holding every remaining epoch; Ray Train builds it (the
+`TrainStream` factory) each time its worker group starts, so a run resumed from a checkpoint,
+or restarted after a lost worker, streams from the checkpoint's epoch on. `ClipDataConfig` splits
+it across workers with `streaming_split(equal=True)` (every worker takes the same number of
+steps) and splits validation with `equal=False` (every video counted exactly once).
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import json
+from typing import Any
+
+import pyarrow as pa
+import ray.train
+
+from pipeline.config import Config, config_from_dict
+from pipeline.data.clips import training_stream, view_dataset
+from pipeline.data.manifest import read_manifest
+from pipeline.data.storage import ray_storage
+
+TRAIN, VAL = "train", "val"
+PROGRESS_FILE = "progress.json"  # beside checkpoint.pt: the epoch a factory resumes from, without loading weights
+
+
+def usable_rows(manifest: pa.Table, split: str) -> pa.Table:
+    mask = pa.compute.and_(pa.compute.equal(manifest["split"], split), pa.compute.equal(manifest["status"], "ok"))
+    return manifest.filter(mask)
+
+
+def steps_per_epoch(cfg: Config, num_train_videos: int) -> int:
+    """Optimizer steps per epoch: the usable videos' clips in whole global batches (capped by
+    `train.max_steps_per_epoch`)."""
+    steps = num_train_videos * cfg.data.repeated_aug // cfg.train.batch_size
+    return min(steps, cfg.train.max_steps_per_epoch) if cfg.train.max_steps_per_epoch else steps
+
+
+def videos_per_epoch(cfg: Config, num_train_videos: int) -> int:
+    """The videos an epoch streams: exactly its steps' clips (batch_size counts whole videos' clips)."""
+    return steps_per_epoch(cfg, num_train_videos) * cfg.train.batch_size // cfg.data.repeated_aug
+
+
+def latest_checkpoint_epoch(cfg: Config, ray_run_name: str) -> int:
+    """The epoch of the newest checkpoint of the Ray run (0 without one). Ray keeps the newest
+    checkpoint whatever the ranking, and epochs only grow, so the highest epoch is the newest."""
+    from pyarrow import fs as pafs
+
+    root, filesystem = ray_storage(cfg.train.storage_path, storage=cfg.storage)
+    filesystem = filesystem or pafs.LocalFileSystem()
+    found = filesystem.get_file_info(pafs.FileSelector(f"{root}/{ray_run_name}", allow_not_found=True))
+    epochs = [0]
+    for info in found:
+        if info.type == pafs.FileType.Directory and info.base_name.startswith("checkpoint_"):
+            try:
+                with filesystem.open_input_stream(f"{info.path}/{PROGRESS_FILE}") as f:
+                    epochs.append(int(json.loads(f.read())["epoch"]))
+            except (OSError, ValueError, KeyError):  # a checkpoint being written, or not one of ours
+                continue
+    return max(epochs)
+
+
+@dataclasses.dataclass(frozen=True)
+class TrainStream:
+    """What Ray Train calls to build the training stream when its worker group starts."""
+
+    config: dict[str, Any]
+    ray_run_name: str
+
+    def __call__(self):
+        cfg = config_from_dict(self.config)
+        manifest = read_manifest(cfg.data.manifest, storage=cfg.storage)
+        num_videos = usable_rows(manifest, cfg.data.train_split).num_rows
+        start = min(latest_checkpoint_epoch(cfg, self.ray_run_name), cfg.optim.epochs)
+        return training_stream(manifest, split=cfg.data.train_split, data=cfg.data, storage=cfg.storage,
+                               seed=cfg.train.seed, epochs=range(start, cfg.optim.epochs),
+                               videos_per_epoch=videos_per_epoch(cfg, num_videos))
+
+
+def validation_views(cfg: Config, manifest: pa.Table):
+    """One view (1 clip x 1 crop) of every row of the validation split, unusable ones included."""
+    one_view = dataclasses.replace(cfg.data, test_clips=1, test_crops=1)
+    return view_dataset(manifest, split=cfg.data.val_split, data=one_view, storage=cfg.storage)
+
+
+def training_datasets(cfg: Config, ray_run_name: str, manifest: pa.Table) -> dict[str, Any]:
+    datasets: dict[str, Any] = {TRAIN: TrainStream(cfg.to_dict(), ray_run_name)}
+    if pa.compute.any(pa.compute.equal(manifest["split"], cfg.data.val_split)).as_py():
+        datasets[VAL] = validation_views(cfg, manifest)
+    return datasets
+
+
+class ClipDataConfig(ray.train.DataConfig):
+    """Training clips split equally (DDP steps in lockstep); validation views split unequally, so
+    that no video is dropped or counted twice. `object_store_budget_gb` caps what the streams hold."""
+
+    def __init__(self, object_store_budget_gb: float = 0.0):
+        options = self.default_ingest_options()
+        if object_store_budget_gb:
+            options.resource_limits = options.resource_limits.copy(object_store_memory=object_store_budget_gb * 1e9)
+        super().__init__(datasets_to_split=[TRAIN, VAL], execution_options=options)
+
+    def configure(self, datasets, world_size, worker_handles, worker_node_ids, **kwargs):
+        shards = [{} for _ in range(world_size)]
+        hints = worker_node_ids if self._enable_shard_locality else None
+        for name, dataset in datasets.items():
+            dataset = dataset.copy(dataset)
+            dataset.context.execution_options = self._resolve_execution_options(name)
+            splits = dataset.streaming_split(world_size, equal=name == TRAIN, locality_hints=hints)
+            for rank, split in enumerate(splits):
+                shards[rank][name] = split
+        return shards
