@@ -2,6 +2,7 @@
 
     uniformer bench data --videos 8 --workers 2 --frames 16 --rate 4 --clips 128
     uniformer bench train          # the demo config on its synthetic set; --config/--manifest for others
+    uniformer bench ingest --workers 2,4   # old per-worker datasets against the one stream, simulated cluster
 
 `data`: clips/s of the data path (plain loop, process pool, Ray Data) and the cost of a
 seek-decoded clip against its window (`pipeline.bench.data`). `train`: the training loop on Ray
@@ -10,7 +11,7 @@ Train fed by the clip stream against the same loop fed from memory: the data-sta
 memory and MFU of the network, optionally beside the plain reference formulation; `dwconv`: one
 depthwise 3D convolution, PyTorch against the Triton op (`pipeline.bench.model`). `gpu`: every
 GPU-only test and benchmark against its target (`pipeline.bench.gpu`; `make gpu-check`). Each subcommand is a subparser
-here whose work lives in `pipeline/bench_<what>.py`; add one with `_add_<what>` + `SUBCOMMANDS`.
+here whose work lives in `pipeline/bench/<what>.py`; add one with `_add_<what>` + `SUBCOMMANDS`.
 Every subcommand also takes `--config FILE.yaml` and `key=value` overrides.
 """
 
@@ -113,6 +114,45 @@ def _run_train(args: argparse.Namespace, cfg: Config, parser: argparse.ArgumentP
 
 
 # ---------------------------------------------------------------------------------------------
+# ingest
+
+
+def _add_ingest(sub: argparse._SubParsersAction) -> argparse.ArgumentParser:
+    p = sub.add_parser("ingest", help="the training data stream on a simulated multi-node cluster, old against new",
+                       description="Per-worker datasets against one stream split by Ray Train, on a simulated "
+                       "cluster of GPU nodes and a CPU-only decode node (pipeline.bench.ingest). "
+                       f"The config defaults to {DEMO_CONFIG.relative_to(DEMO_CONFIG.parents[2])}.")
+    p.add_argument("--manifest", default="", metavar="URI",
+                   help="a prepared dataset (default: the synthetic set of `bench train` under --work-dir)")
+    p.add_argument("--workers", default="2,4", help="numbers of trainers, comma-separated (default 2,4)")
+    p.add_argument("--gpu-nodes", type=int_at_least(1), default=2, help="simulated GPU nodes (default 2)")
+    p.add_argument("--decode-cpus", type=int_at_least(1), default=4, help="CPUs of the decode node (default 4)")
+    p.add_argument("--step-ms", type=float, default=50.0, help="simulated training step per batch (default 50)")
+    p.add_argument("--videos-per-class", type=int_at_least(2), default=16,
+                   help="synthetic videos per class, a quarter of them val (default 16)")
+    p.add_argument("--work-dir", default="work/bench_train", help="where the synthetic set is made once")
+    p.set_defaults(run=_run_ingest, config=str(DEMO_CONFIG))
+    return p
+
+
+def _run_ingest(args: argparse.Namespace, cfg: Config, parser: argparse.ArgumentParser) -> dict[str, Any]:
+    from pipeline.bench.ingest import run_ingest_bench
+    from pipeline.bench.train import synth_manifest
+
+    try:
+        workers = tuple(int(w) for w in args.workers.split(","))
+    except ValueError:
+        workers = ()
+    if not workers or min(workers) < 1:
+        parser.error(f"--workers {args.workers!r}: use comma-separated positive integers, e.g. 2,4")
+    manifest = args.manifest or synth_manifest(args.work_dir, classes=cfg.model.num_classes,
+                                               videos_per_class=args.videos_per_class, seed=cfg.train.seed,
+                                               progress=_progress())
+    return run_ingest_bench(cfg, manifest_uri=manifest, workers=workers, gpu_nodes=args.gpu_nodes,
+                            decode_node_cpus=args.decode_cpus, step_ms=args.step_ms, progress=_progress())
+
+
+# ---------------------------------------------------------------------------------------------
 # gpu
 
 
@@ -133,7 +173,7 @@ def _run_gpu(args: argparse.Namespace, cfg: Config, parser: argparse.ArgumentPar
 # ---------------------------------------------------------------------------------------------
 
 SUBCOMMANDS: tuple[Callable[[argparse._SubParsersAction], argparse.ArgumentParser], ...] = (
-    _add_data, _add_train, add_model_parser, add_dwconv_parser, _add_gpu)
+    _add_data, _add_train, _add_ingest, add_model_parser, add_dwconv_parser, _add_gpu)
 
 
 def build_parser() -> argparse.ArgumentParser:

@@ -1,0 +1,271 @@
+"""`uniformer bench ingest`: the training data stream on a simulated multi-node cluster, old design
+against new, side by side in one run.
+
+The cluster (`ray.cluster_utils.Cluster`, every node a raylet on this machine): a head with no
+CPUs, `gpu_nodes` "GPU" nodes (a `bench_gpu` resource per trainer slot; trainers need one each)
+and one CPU-only decode node labelled `data.decode_nodes`. For each number of trainers both designs
+feed the same consumer loop, which runs no model: each batch costs `step_ms` of sleep, as a GPU
+step would, so what is measured is the data path alone.
+
+- old: every worker builds its own Ray Data dataset each epoch from its seeded shard, with Ray
+  Data's per-operator reservation off and output order preserved (the per-worker builder this
+  project used before, kept here only as the baseline);
+- new: one stream for the whole training (`pipeline.training.ingest`), split by Ray Train.
+
+Figures per run: clips/s reaching the trainers (all of them, over the timed epochs), the mean
+data-wait fraction, decode tasks per epoch (from Ray Data's own stats), peak object-store bytes
+(sampled from the raylets every 0.2 s) and the share of decode CPU-seconds spent on the decode node
+(CPU time of each node's Ray worker processes other than the trainers).
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import re
+import tempfile
+import threading
+import time
+from pathlib import Path
+from typing import Any, Callable, Iterator
+
+import numpy as np
+import pyarrow as pa
+
+from pipeline.config import Config, DataConfig, StorageConfig, config_from_dict
+
+DESIGNS = ("old", "new")
+_TASKS = re.compile(r"MapBatches\((?:_old_clips|_train_task_clips)\)[^\n]*?:\s*\n?[^\n]*?(\d+) tasks executed")
+
+
+# ---------------------------------------------------------------------------------------------
+# The old design, the baseline: one dataset per worker per epoch
+
+
+def _old_clips(batch: pa.Table, *, data: DataConfig, storage: StorageConfig, seed: int,
+               epoch: int) -> Iterator[dict[str, np.ndarray]]:
+    from pipeline.data.clips import make_clip_rows, stack_rows
+
+    for row in batch.to_pylist():
+        yield stack_rows(make_clip_rows(row, data=data, storage=storage, training=True, seed=seed, epoch=epoch))
+
+
+def old_worker_dataset(rows: pa.Table, *, rank: int, world: int, data: DataConfig, storage: StorageConfig, seed: int,
+                       epoch: int):
+    """This worker's clips of one epoch, as the project built them before the one stream."""
+    import ray.data
+
+    from pipeline.data.clips import decode_slots, epoch_order, videos_per_task
+
+    order = np.random.default_rng([seed, epoch]).permutation(rows.num_rows)[: rows.num_rows // world * world]
+    shard = rows.take(order[rank::world])
+    shard = shard.take(pa.array(epoch_order(shard.num_rows, seed=seed, epoch=epoch)))
+    per_block = videos_per_task(shard.num_rows, decode_slots(data))
+    blocks = [shard.slice(i, per_block) for i in range(0, shard.num_rows, per_block)]
+    context = ray.data.DataContext.get_current()
+    saved = context.op_resource_reservation_enabled, context.execution_options.preserve_order
+    context.op_resource_reservation_enabled, context.execution_options.preserve_order = False, True
+    try:
+        compute = ray.data.TaskPoolStrategy(size=data.decode_concurrency) if data.decode_concurrency else None
+        return ray.data.from_arrow(blocks).map_batches(
+            _old_clips, batch_size=per_block, batch_format="pyarrow", compute=compute, num_cpus=data.decode_cpus,
+            fn_kwargs={"data": data, "storage": storage, "seed": seed, "epoch": epoch})
+    finally:
+        context.op_resource_reservation_enabled, context.execution_options.preserve_order = saved
+
+
+# ---------------------------------------------------------------------------------------------
+# What each trainer runs: take batches, pretend to step
+
+
+def decode_tasks(stats: str) -> int:
+    """Decode tasks executed, from a Ray Data stats text."""
+    return sum(int(n) for n in _TASKS.findall(stats))
+
+
+def consume(loop_config: dict) -> None:
+    import ray.train
+    import torch
+    import torch.distributed as dist
+
+    from pipeline.data.clips import select_rows
+    from pipeline.data.manifest import read_manifest
+    from pipeline.training.ingest import TRAIN, steps_per_epoch
+
+    cfg = config_from_dict(loop_config["config"])
+    ctx = ray.train.get_context()
+    rank, world = ctx.get_world_rank(), ctx.get_world_size()
+    manifest = read_manifest(cfg.data.manifest, storage=cfg.storage)
+    rows = select_rows(manifest, split=cfg.data.train_split, training=True)
+    steps = steps_per_epoch(cfg, rows.num_rows)
+    micro = cfg.train.batch_size // world
+    step_s = loop_config["step_ms"] / 1000
+    new = loop_config["design"] == "new"
+    if new:
+        shard = ray.train.get_dataset_shard(TRAIN)
+        batches = iter(shard.iter_batches(batch_size=micro, drop_last=True, batch_format="numpy", prefetch_batches=2))
+    clips, wait_s, tasks, t0 = 0, 0.0, 0, time.perf_counter()
+    for epoch in range(cfg.optim.epochs):
+        if not new:
+            dataset = old_worker_dataset(rows, rank=rank, world=world, data=cfg.data, storage=cfg.storage,
+                                         seed=cfg.train.seed, epoch=epoch)
+            epoch_batches = iter(dataset.iter_batches(batch_size=micro, drop_last=True, batch_format="numpy",
+                                                      prefetch_batches=2))
+        for _ in range(steps):
+            t = time.perf_counter()
+            batch = next(batches if new else epoch_batches)
+            wait_s += time.perf_counter() - t
+            clips += len(batch["label"])
+            time.sleep(step_s)
+        if not new:
+            tasks += decode_tasks(dataset.stats())
+            del epoch_batches
+    seconds = time.perf_counter() - t0
+    if new:
+        tasks = decode_tasks(shard.stats()) if rank == 0 else 0  # one stream: its stats are everyone's
+    totals = torch.tensor([clips, wait_s / seconds, tasks, seconds], dtype=torch.float64)
+    dist.all_reduce(totals)
+    figures = {"clips": totals[0].item(), "wait_fraction": totals[1].item() / world, "tasks": totals[2].item(),
+               "seconds": totals[3].item() / world}
+    with tempfile.TemporaryDirectory() as tmp:  # Ray Train keeps the metrics of reports with a checkpoint
+        Path(tmp, "figures.txt").write_text(repr(figures))
+        ray.train.report(figures, checkpoint=ray.train.Checkpoint.from_directory(tmp) if rank == 0 else None)
+
+
+# ---------------------------------------------------------------------------------------------
+# The simulated cluster and what is sampled from it
+
+
+@dataclasses.dataclass
+class SimulatedCluster:
+    gpu_nodes: int
+    slots_per_gpu_node: int
+    cpus_per_gpu_node: int
+    decode_node_cpus: int
+    decode_label: str
+
+    def __enter__(self) -> "SimulatedCluster":
+        import ray
+        from ray.cluster_utils import Cluster
+
+        key, value = self.decode_label.split("=", 1)
+        self.cluster = Cluster(initialize_head=True, head_node_args={"num_cpus": 0, "include_dashboard": False})
+        self.gpu = [self.cluster.add_node(num_cpus=self.cpus_per_gpu_node,
+                                          resources={"bench_gpu": self.slots_per_gpu_node},
+                                          labels={key: "gpu"}) for _ in range(self.gpu_nodes)]
+        self.decode = self.cluster.add_node(num_cpus=self.decode_node_cpus, labels={key: value})
+        self.cluster.wait_for_nodes()
+        ray.init(address=self.cluster.address, log_to_driver=False)
+        return self
+
+    def __exit__(self, *exc) -> None:
+        import ray
+
+        ray.shutdown()
+        self.cluster.shutdown()
+
+    def worker_cpu_s(self) -> dict[str, float]:
+        """CPU seconds so far of each node's Ray worker processes, trainers left out."""
+        import psutil
+
+        out = {}
+        for name, node in [("decode", self.decode)] + [(f"gpu{i}", n) for i, n in enumerate(self.gpu)]:
+            raylet = psutil.Process(node.all_processes["raylet"][0].process.pid)
+            total = 0.0
+            for proc in raylet.children(recursive=True):
+                try:
+                    if "RayTrainWorker" in " ".join(proc.cmdline()):
+                        continue
+                    times = proc.cpu_times()
+                    total += times.user + times.system
+                except psutil.Error:
+                    continue
+            out[name] = total
+        return out
+
+
+def object_store_bytes() -> int:
+    """Bytes in the object stores of all nodes (the raylets' own figure)."""
+    from ray._private.internal_api import memory_summary
+
+    text = memory_summary(stats_only=True)
+    found = re.search(r"Plasma memory usage (\d+) MiB", text)
+    return int(found.group(1)) * 2**20 if found else 0
+
+
+class PeakSampler:
+    def __init__(self, sample: Callable[[], int], interval_s: float = 0.2):
+        self.sample, self.interval_s, self.peak = sample, interval_s, 0
+        self._stop = threading.Event()
+        self._thread = threading.Thread(target=self._run, daemon=True)
+
+    def _run(self) -> None:
+        while not self._stop.is_set():
+            try:
+                self.peak = max(self.peak, self.sample())
+            except Exception:  # noqa: BLE001 - a missed sample only lowers the figure's resolution
+                pass
+            self._stop.wait(self.interval_s)
+
+    def __enter__(self) -> "PeakSampler":
+        self._thread.start()
+        return self
+
+    def __exit__(self, *exc) -> None:
+        self._stop.set()
+        self._thread.join()
+
+
+# ---------------------------------------------------------------------------------------------
+# The run
+
+
+def run_design(cfg: Config, cluster: SimulatedCluster, *, design: str, workers: int, step_ms: float,
+               storage_dir: str) -> dict[str, Any]:
+    from ray.train import RunConfig, ScalingConfig
+    from ray.train.torch import TorchTrainer
+
+    from pipeline.training.ingest import TRAIN, ClipDataConfig, TrainStream
+
+    name = f"ingest-{design}-{workers}-{time.strftime('%H%M%S')}"
+    cfg = dataclasses.replace(cfg, train=dataclasses.replace(cfg.train, num_workers=workers, storage_path=storage_dir,
+                                                             run_name=name))
+    datasets = {TRAIN: TrainStream(cfg.to_dict(), name)} if design == "new" else None
+    trainer = TorchTrainer(
+        consume, train_loop_config={"config": cfg.to_dict(), "design": design, "step_ms": step_ms},
+        scaling_config=ScalingConfig(num_workers=workers, resources_per_worker={"CPU": 1, "bench_gpu": 1}),
+        datasets=datasets, dataset_config=ClipDataConfig(cfg.data.object_store_budget_gb),
+        run_config=RunConfig(name=name, storage_path=storage_dir))
+    before = cluster.worker_cpu_s()
+    with PeakSampler(object_store_bytes) as peak:
+        metrics = trainer.fit().metrics
+    after = cluster.worker_cpu_s()
+    cpu = {node: after[node] - before[node] for node in after}
+    return {"clips_per_s": round(metrics["clips"] / metrics["seconds"], 1),
+            "data_wait_fraction": round(metrics["wait_fraction"], 3),
+            "decode_tasks_per_epoch": round(metrics["tasks"] / cfg.optim.epochs, 1),
+            "peak_object_store_mb": round(peak.peak / 2**20, 1),
+            "decode_node_cpu_share": round(cpu["decode"] / max(sum(cpu.values()), 1e-9), 3),
+            "worker_cpu_s": {k: round(v, 1) for k, v in cpu.items()}}
+
+
+def run_ingest_bench(cfg: Config, *, manifest_uri: str, workers: tuple[int, ...] = (2, 4), gpu_nodes: int = 2,
+                     decode_node_cpus: int = 4, step_ms: float = 50.0,
+                     progress: Callable[[str], None] = print) -> dict[str, Any]:
+    """Both designs for each number of trainers, on one simulated cluster; returns the table."""
+    slots = -(-max(workers) // gpu_nodes)
+    # Ray Data sizes the decode pools (decode_concurrency 0): what each old per-worker executor did.
+    cfg = dataclasses.replace(cfg, data=dataclasses.replace(cfg.data, manifest=manifest_uri, decode_concurrency=0))
+    result: dict[str, Any] = {"gpu_nodes": gpu_nodes, "trainer_slots_per_gpu_node": slots,
+                              "decode_node_cpus": decode_node_cpus, "step_ms": step_ms,
+                              "batch_size": cfg.train.batch_size, "epochs": cfg.optim.epochs,
+                              "object_store_budget_gb": cfg.data.object_store_budget_gb, "runs": []}
+    with SimulatedCluster(gpu_nodes, slots, slots + 1, decode_node_cpus, cfg.data.decode_nodes) as cluster, \
+            tempfile.TemporaryDirectory() as storage_dir:
+        for n in workers:
+            for design in DESIGNS:
+                progress(f"{design} design, {n} trainers")
+                figures = run_design(cfg, cluster, design=design, workers=n, step_ms=step_ms,
+                                     storage_dir=str(Path(storage_dir)))
+                result["runs"].append({"design": design, "workers": n, **figures})
+                progress(f"  {figures}")
+    return result
