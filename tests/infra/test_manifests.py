@@ -14,7 +14,7 @@ import ray
 import yaml
 from jsonschema import Draft7Validator, validators
 
-from pipeline.config import load_config
+from pipeline.config import DataConfig, load_config
 
 ROOT = Path(__file__).resolve().parents[2]
 INFRA = ROOT / "infra"
@@ -234,6 +234,12 @@ def test_ray_service_account_has_an_irsa_role():
     assert account["metadata"]["annotations"]["eks.amazonaws.com/role-arn"].startswith("arn:aws:iam::")
 
 
+def node_label(labels: dict[str, str]) -> str:
+    """A one-label dict as `key=value`, the form of `data.decode_nodes`."""
+    (key, value), = labels.items()
+    return f"{key}={value}"
+
+
 # --- KubeRay: auth, fault tolerance, disruptions, images -------------------------------------------
 
 def image_ray_version(image: str) -> str | None:
@@ -274,6 +280,9 @@ def test_cluster_layout(kind):
         assert meta["annotations"]["karpenter.sh/do-not-disrupt"] == "true"
     assert decode["nodeSelector"]["eks.amazonaws.com/capacityType"] == "SPOT"
     assert "annotations" not in decode_meta
+    groups = {g["groupName"]: g for g in spec["workerGroupSpecs"]}
+    assert node_label(groups["decode"]["labels"]) == DataConfig().decode_nodes  # where decode tasks go
+    assert node_label(groups["gpu"]["labels"]) != DataConfig().decode_nodes
     images = {name: pod["containers"][0]["image"] for name, (_, pod) in pods.items()}
     assert images["gpu"].endswith("-gpu") and images["head"].endswith("-cpu") and images["decode"].endswith("-cpu")
     for name, (_, pod) in pods.items():
@@ -435,6 +444,8 @@ def test_aws_node_types(aws):
     decode = [t for name, t in types.items() if t is not head and not t["resources"].get("GPU")]
     assert gpu and decode
     assert all(t["node_config"]["InstanceMarketOptions"]["MarketType"] == "spot" for t in decode)
+    assert all(node_label(t["labels"]) == DataConfig().decode_nodes and t["min_workers"] >= 1 for t in decode)
+    assert all(node_label(t["labels"]) != DataConfig().decode_nodes for t in gpu)
     for t in types.values():
         assert t["node_config"]["ImageId"].startswith("ami-"), "pin an AMI; latest_dlami is Ubuntu 18.04 (EOL)"
     # Split roles: only the head (Ray's autoscaler) may launch instances.
