@@ -128,6 +128,7 @@ def _add_ingest(sub: argparse._SubParsersAction) -> argparse.ArgumentParser:
     p.add_argument("--gpu-nodes", type=int_at_least(1), default=2, help="simulated GPU nodes (default 2)")
     p.add_argument("--decode-cpus", type=int_at_least(1), default=4, help="CPUs of the decode node (default 4)")
     p.add_argument("--step-ms", type=float, default=50.0, help="simulated training step per batch (default 50)")
+    p.add_argument("--epochs", type=int_at_least(1), default=3, help="epochs per run (default 3)")
     p.add_argument("--videos-per-class", type=int_at_least(2), default=16,
                    help="synthetic videos per class, a quarter of them val (default 16)")
     p.add_argument("--work-dir", default="work/bench_train", help="where the synthetic set is made once")
@@ -149,7 +150,8 @@ def _run_ingest(args: argparse.Namespace, cfg: Config, parser: argparse.Argument
                                                videos_per_class=args.videos_per_class, seed=cfg.train.seed,
                                                progress=_progress())
     return run_ingest_bench(cfg, manifest_uri=manifest, workers=workers, gpu_nodes=args.gpu_nodes,
-                            decode_node_cpus=args.decode_cpus, step_ms=args.step_ms, progress=_progress())
+                            decode_node_cpus=args.decode_cpus, step_ms=args.step_ms, epochs=args.epochs,
+                            progress=_progress())
 
 
 # ---------------------------------------------------------------------------------------------

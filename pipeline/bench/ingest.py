@@ -12,10 +12,10 @@ step would, so what is measured is the data path alone.
   project used before, kept here only as the baseline);
 - new: one stream for the whole training (`pipeline.training.ingest`), split by Ray Train.
 
-Figures per run: clips/s reaching the trainers (all of them, over the timed epochs), the mean
-data-wait fraction, decode tasks per epoch (from Ray Data's own stats), peak object-store bytes
-(sampled from the raylets every 0.2 s) and the share of decode CPU-seconds spent on the decode node
-(CPU time of each node's Ray worker processes other than the trainers).
+Figures per run: clips/s reaching the trainers (all of them, over all epochs, start included),
+the mean data-wait fraction, decode tasks per epoch (from Ray Data's own stats), peak object-store
+bytes (sampled from the raylets every 0.5 s) and the share of decode CPU-seconds spent on the
+decode node (CPU time of the Ray worker processes seen running decode tasks, per node).
 """
 
 from __future__ import annotations
@@ -163,23 +163,51 @@ class SimulatedCluster:
         ray.shutdown()
         self.cluster.shutdown()
 
-    def worker_cpu_s(self) -> dict[str, float]:
-        """CPU seconds so far of each node's Ray worker processes, trainers left out."""
+    def worker_cpu_s(self) -> dict[tuple[str, int], tuple[float, str]]:
+        """CPU seconds so far and process title of each Ray worker process of each node, trainers
+        left out, keyed by (node, pid)."""
         import psutil
 
         out = {}
         for name, node in [("decode", self.decode)] + [(f"gpu{i}", n) for i, n in enumerate(self.gpu)]:
             raylet = psutil.Process(node.all_processes["raylet"][0].process.pid)
-            total = 0.0
             for proc in raylet.children(recursive=True):
                 try:
-                    if "RayTrainWorker" in " ".join(proc.cmdline()):
+                    title = " ".join(proc.cmdline())
+                    if "RayTrainWorker" in title:
                         continue
                     times = proc.cpu_times()
-                    total += times.user + times.system
+                    out[(name, proc.pid)] = times.user + times.system, title
                 except psutil.Error:
                     continue
-            out[name] = total
+        return out
+
+
+class CpuTally:
+    """Decode CPU seconds per node since the first sample: the CPU time of the Ray worker processes
+    seen running a decode task (Ray titles a busy worker `ray::MapBatches(...)`). Sampled, so that a
+    process that ends meanwhile counts up to its last sample, and one that starts counts from zero
+    (Ray starts, reuses and ends worker processes as it goes)."""
+
+    def __init__(self, sample: Callable[[], dict[tuple[str, int], tuple[float, str]]]):
+        self._sample = sample
+        self.first: dict[tuple[str, int], float] | None = None
+        self.last: dict[tuple[str, int], float] = {}
+        self.decoders: set[tuple[str, int]] = set()
+
+    def __call__(self) -> None:
+        now = self._sample()
+        if self.first is None:
+            self.first = {key: cpu for key, (cpu, _) in now.items()}
+        for key, (cpu, title) in now.items():
+            self.last[key] = cpu
+            if "MapBatches(" in title:
+                self.decoders.add(key)
+
+    def per_node(self) -> dict[str, float]:
+        out: dict[str, float] = {}
+        for (node, pid) in self.decoders:
+            out[node] = out.get(node, 0.0) + self.last[(node, pid)] - (self.first or {}).get((node, pid), 0.0)
         return out
 
 
@@ -192,27 +220,37 @@ def object_store_bytes() -> int:
     return int(found.group(1)) * 2**20 if found else 0
 
 
-class PeakSampler:
-    def __init__(self, sample: Callable[[], int], interval_s: float = 0.2):
-        self.sample, self.interval_s, self.peak = sample, interval_s, 0
+class Sampler:
+    """Calls each of `probes` every `interval_s` seconds in a thread, once more on exit; keeps
+    the peak of what `peak_of` returns."""
+
+    def __init__(self, peak_of: Callable[[], int], *probes: Callable[[], None], interval_s: float = 0.5):
+        self.peak_of, self.probes, self.interval_s, self.peak = peak_of, probes, interval_s, 0
         self._stop = threading.Event()
         self._thread = threading.Thread(target=self._run, daemon=True)
 
+    def _sample(self) -> None:
+        try:
+            self.peak = max(self.peak, self.peak_of())
+            for probe in self.probes:
+                probe()
+        except Exception:  # noqa: BLE001 - a missed sample only lowers the figure's resolution
+            pass
+
     def _run(self) -> None:
         while not self._stop.is_set():
-            try:
-                self.peak = max(self.peak, self.sample())
-            except Exception:  # noqa: BLE001 - a missed sample only lowers the figure's resolution
-                pass
+            self._sample()
             self._stop.wait(self.interval_s)
 
-    def __enter__(self) -> "PeakSampler":
+    def __enter__(self) -> "Sampler":
+        self._sample()
         self._thread.start()
         return self
 
     def __exit__(self, *exc) -> None:
         self._stop.set()
         self._thread.join()
+        self._sample()
 
 
 # ---------------------------------------------------------------------------------------------
@@ -235,26 +273,26 @@ def run_design(cfg: Config, cluster: SimulatedCluster, *, design: str, workers: 
         scaling_config=ScalingConfig(num_workers=workers, resources_per_worker={"CPU": 1, "bench_gpu": 1}),
         datasets=datasets, dataset_config=ClipDataConfig(cfg.data.object_store_budget_gb),
         run_config=RunConfig(name=name, storage_path=storage_dir))
-    before = cluster.worker_cpu_s()
-    with PeakSampler(object_store_bytes) as peak:
+    cpu_tally = CpuTally(cluster.worker_cpu_s)
+    with Sampler(object_store_bytes, cpu_tally) as sampler:
         metrics = trainer.fit().metrics
-    after = cluster.worker_cpu_s()
-    cpu = {node: after[node] - before[node] for node in after}
+    cpu = cpu_tally.per_node()
     return {"clips_per_s": round(metrics["clips"] / metrics["seconds"], 1),
             "data_wait_fraction": round(metrics["wait_fraction"], 3),
             "decode_tasks_per_epoch": round(metrics["tasks"] / cfg.optim.epochs, 1),
-            "peak_object_store_mb": round(peak.peak / 2**20, 1),
-            "decode_node_cpu_share": round(cpu["decode"] / max(sum(cpu.values()), 1e-9), 3),
+            "peak_object_store_mb": round(sampler.peak / 2**20, 1),
+            "decode_node_cpu_share": round(cpu.get("decode", 0.0) / max(sum(cpu.values()), 1e-9), 3),
             "worker_cpu_s": {k: round(v, 1) for k, v in cpu.items()}}
 
 
 def run_ingest_bench(cfg: Config, *, manifest_uri: str, workers: tuple[int, ...] = (2, 4), gpu_nodes: int = 2,
-                     decode_node_cpus: int = 4, step_ms: float = 50.0,
+                     decode_node_cpus: int = 4, step_ms: float = 50.0, epochs: int = 3,
                      progress: Callable[[str], None] = print) -> dict[str, Any]:
     """Both designs for each number of trainers, on one simulated cluster; returns the table."""
     slots = -(-max(workers) // gpu_nodes)
     # Ray Data sizes the decode pools (decode_concurrency 0): what each old per-worker executor did.
-    cfg = dataclasses.replace(cfg, data=dataclasses.replace(cfg.data, manifest=manifest_uri, decode_concurrency=0))
+    cfg = dataclasses.replace(cfg, data=dataclasses.replace(cfg.data, manifest=manifest_uri, decode_concurrency=0),
+                              optim=dataclasses.replace(cfg.optim, epochs=epochs))
     result: dict[str, Any] = {"gpu_nodes": gpu_nodes, "trainer_slots_per_gpu_node": slots,
                               "decode_node_cpus": decode_node_cpus, "step_ms": step_ms,
                               "batch_size": cfg.train.batch_size, "epochs": cfg.optim.epochs,
