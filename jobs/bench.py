@@ -7,11 +7,13 @@
 `data`: clips/s of the data path (plain loop, process pool, Ray Data) and the cost of a
 seek-decoded clip against its window (`pipeline.bench.data`). `train`: the training loop on Ray
 Train fed by the clip stream against the same loop fed from memory: the data-stall fraction
-(`pipeline.bench.train`). `model`: clips/s, step time, peak
+(`pipeline.bench.train`). `ingest`: the old per-worker datasets against the one training
+stream on a simulated multi-node cluster: clips/s, data wait, decode tasks per epoch, peak object
+store, decode CPU on the decode node (`pipeline.bench.ingest`). `model`: clips/s, step time, peak
 memory and MFU of the network, optionally beside the plain reference formulation; `dwconv`: one
 depthwise 3D convolution, PyTorch against the Triton op (`pipeline.bench.model`). `gpu`: every
-GPU-only test and benchmark against its target (`pipeline.bench.gpu`; `make gpu-check`). Each subcommand is a subparser
-here whose work lives in `pipeline/bench/<what>.py`; add one with `_add_<what>` + `SUBCOMMANDS`.
+GPU-only test and benchmark against its target (`pipeline.bench.gpu`; `make gpu-check`). Each
+subcommand is a subparser here whose work lives in `pipeline/bench/<what>.py`; add one with `_add_<what>` + `SUBCOMMANDS`.
 Every subcommand also takes `--config FILE.yaml` and `key=value` overrides.
 """
 

@@ -47,22 +47,19 @@ def videos_per_epoch(cfg: Config, num_train_videos: int) -> int:
 
 
 def latest_checkpoint_epoch(cfg: Config, ray_run_name: str) -> int:
-    """The epoch of the newest checkpoint of the Ray run (0 without one). Ray keeps the newest
-    checkpoint whatever the ranking, and epochs only grow, so the highest epoch is the newest."""
-    from pyarrow import fs as pafs
-
+    """The epoch of the checkpoint Ray Train restores the run from (0 without one): the latest
+    one its checkpoint manager registered, read from the snapshot it keeps in the run folder. A
+    checkpoint folder written but never registered (a worker lost while reporting it) does not
+    count, since Ray does not restore it either."""
     root, filesystem = ray_storage(cfg.train.storage_path, storage=cfg.storage)
-    filesystem = filesystem or pafs.LocalFileSystem()
-    found = filesystem.get_file_info(pafs.FileSelector(f"{root}/{ray_run_name}", allow_not_found=True))
-    epochs = [0]
-    for info in found:
-        if info.type == pafs.FileType.Directory and info.base_name.startswith("checkpoint_"):
-            try:
-                with filesystem.open_input_stream(f"{info.path}/{PROGRESS_FILE}") as f:
-                    epochs.append(int(json.loads(f.read())["epoch"]))
-            except (OSError, ValueError, KeyError):  # a checkpoint being written, or not one of ours
-                continue
-    return max(epochs)
+    try:
+        checkpoint = ray.train.Result.from_path(f"{root}/{ray_run_name}", storage_filesystem=filesystem).checkpoint
+    except RuntimeError:  # no run folder or no snapshot yet: a new run
+        return 0
+    if checkpoint is None:
+        return 0
+    with checkpoint.filesystem.open_input_stream(f"{checkpoint.path}/{PROGRESS_FILE}") as f:
+        return int(json.loads(f.read())["epoch"])
 
 
 @dataclasses.dataclass(frozen=True)
