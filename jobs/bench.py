@@ -85,18 +85,23 @@ def _run_data(args: argparse.Namespace, cfg: Config, parser: argparse.ArgumentPa
 DEMO_CONFIG = Path(__file__).resolve().parents[1] / "infra" / "configs" / "demo.yaml"
 
 
+def _add_dataset_args(p: argparse.ArgumentParser) -> None:
+    """--manifest, or the synthetic set made once under --work-dir (shared by train and ingest)."""
+    p.add_argument("--manifest", default="", metavar="URI",
+                   help="a prepared dataset (default: a synthetic set made once under --work-dir)")
+    p.add_argument("--videos-per-class", type=int_at_least(2), default=16,
+                   help="synthetic videos per class, a quarter of them val (default 16)")
+    p.add_argument("--work-dir", default="work/bench_train", help="synthetic set and checkpoints go here")
+
+
 def _add_train(sub: argparse._SubParsersAction) -> argparse.ArgumentParser:
     p = sub.add_parser("train", help="training clips/s on the clip stream against in-memory clips",
                        description="Runs the training loop on Ray Train twice, fed by the Ray Data clip stream "
                        "and from memory, and reports clips/s of each and the data-stall fraction. "
                        f"The config defaults to {DEMO_CONFIG.relative_to(DEMO_CONFIG.parents[2])}.")
-    p.add_argument("--manifest", default="", metavar="URI",
-                   help="a prepared dataset (default: a synthetic set made once under --work-dir)")
+    _add_dataset_args(p)
     p.add_argument("--epochs", type=int_at_least(2), default=2, help="epochs per run; the last is measured (default 2)")
     p.add_argument("--steps", type=int_at_least(1), default=8, help="at most this many steps per epoch (default 8)")
-    p.add_argument("--videos-per-class", type=int_at_least(2), default=16,
-                   help="synthetic videos per class, a quarter of them val (default 16)")
-    p.add_argument("--work-dir", default="work/bench_train", help="synthetic set and checkpoints go here")
     p.add_argument("--tracking-outage", type=int_at_least(1), metavar="SECONDS",
                    help="instead: one stream run logging to a local mlflow server that is down this long; "
                    "step times before, during and after the outage")
@@ -124,16 +129,12 @@ def _add_ingest(sub: argparse._SubParsersAction) -> argparse.ArgumentParser:
                        description="Per-worker datasets against one stream split by Ray Train, on a simulated "
                        "cluster of GPU nodes and a CPU-only decode node (pipeline.bench.ingest). "
                        f"The config defaults to {DEMO_CONFIG.relative_to(DEMO_CONFIG.parents[2])}.")
-    p.add_argument("--manifest", default="", metavar="URI",
-                   help="a prepared dataset (default: the synthetic set of `bench train` under --work-dir)")
+    _add_dataset_args(p)
     p.add_argument("--workers", default="2,4", help="numbers of trainers, comma-separated (default 2,4)")
     p.add_argument("--gpu-nodes", type=int_at_least(1), default=2, help="simulated GPU nodes (default 2)")
     p.add_argument("--decode-cpus", type=int_at_least(1), default=4, help="CPUs of the decode node (default 4)")
     p.add_argument("--step-ms", type=float, default=50.0, help="simulated training step per batch (default 50)")
     p.add_argument("--epochs", type=int_at_least(1), default=3, help="epochs per run (default 3)")
-    p.add_argument("--videos-per-class", type=int_at_least(2), default=16,
-                   help="synthetic videos per class, a quarter of them val (default 16)")
-    p.add_argument("--work-dir", default="work/bench_train", help="where the synthetic set is made once")
     p.set_defaults(run=_run_ingest, config=str(DEMO_CONFIG))
     return p
 
