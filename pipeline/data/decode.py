@@ -9,7 +9,7 @@ so frame i is the packet with the i-th smallest pts, for B-frame and variable-fr
 streams alike. To reach frame i we seek to the last keyframe at or before it, feed the decoder
 from that keyframe's packet, and recognise frames by their pts. Containers look a seek's
 timestamp up in different clocks: MP4 and Matroska by presentation time, AVI (whose index
-counts frames in stored order) and MPEG-TS/PS (no index: they bisect the file) by decode time.
+counts frames in stored order) and MPEG-TS (no index: it bisects the file) by decode time.
 With B-frames a keyframe is decoded before it is shown, so its pts finds a later packet in
 AVI and TS, and its dts an earlier keyframe in Matroska: we seek by pts, and by dts when the
 first packet read shows the pts seek went past the keyframe. Packets before the first keyframe
@@ -18,8 +18,9 @@ from missing references that look like wanted frames. A seek that lands on an ea
 is only slower: we decode through, and do not seek to that keyframe again. Decoded frames must
 come out one after another in display order; if the stream breaks these assumptions (missing
 or repeated timestamps, pts that do not follow display order, as the ones AVI invents for
-H.264 with B-frames, a seek that lands past the wanted frame, a frame the decoder drops), we
-fall back to one sequential decode that counts frames, which is the definition.
+H.264 with B-frames, pts that differ after a seek, as MPEG-PS guesses those of frames without
+their own, a seek that lands past the wanted frame, a frame the decoder drops), we fall back
+to one sequential decode that counts frames, which is the definition.
 
 Frames come out as they are shown (`display_of`): a stream's display matrix (the rotation tag of
 phone videos, and mirroring) is applied, and non-square pixels (a sample aspect ratio other than
