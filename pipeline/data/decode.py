@@ -4,15 +4,23 @@
 those 0-based indices, while decoding only from the keyframe before each wanted run of frames.
 
 How frame index <-> timestamp is mapped: one demux pass (no decoding; it only reads packet
-headers and data) collects every packet's pts and keyframe flag. Sorted pts is display order,
+headers and data) collects every packet's pts, dts and keyframe flag. Sorted pts is display order,
 so frame i is the packet with the i-th smallest pts, for B-frame and variable-frame-rate
-streams alike. To reach frame i we seek (backward) to the pts of the last keyframe at or
-before it, then decode forward and recognise frames by their pts. A seek that lands on an
-earlier keyframe (containers index keyframes by timestamps that may differ from pts) is only
-slower: we decode through, and do not seek to that keyframe again. If the stream breaks these
-assumptions (missing or repeated timestamps, a seek that lands past the wanted frame, a frame
-the decoder drops), we fall back to one sequential decode that counts frames, which is the
-definition.
+streams alike. To reach frame i we seek to the last keyframe at or before it, feed the decoder
+from that keyframe's packet, and recognise frames by their pts. Containers look a seek's
+timestamp up in different clocks: MP4 and Matroska by presentation time, AVI (whose index
+counts frames in stored order) and MPEG-TS (no index: it bisects the file) by decode time.
+With B-frames a keyframe is decoded before it is shown, so its pts finds a later packet in
+AVI and TS, and its dts an earlier keyframe in Matroska: we seek by pts, and by dts when the
+first packet read shows the pts seek went past the keyframe. Packets before the first keyframe
+packet read are skipped, never decoded: MPEG-2 and MPEG-4 Part 2 decoders would make pictures
+from missing references that look like wanted frames. A seek that lands on an earlier keyframe
+is only slower: we decode through, and do not seek to that keyframe again. Decoded frames must
+come out one after another in display order; if the stream breaks these assumptions (missing
+or repeated timestamps, pts that do not follow display order, as the ones AVI invents for
+H.264 with B-frames, pts that differ after a seek, as MPEG-PS guesses those of frames without
+their own, a seek that lands past the wanted frame, a frame the decoder drops), we fall back
+to one sequential decode that counts frames, which is the definition.
 
 Frames come out as they are shown (`display_of`): a stream's display matrix (the rotation tag of
 phone videos, and mirroring) is applied, and non-square pixels (a sample aspect ratio other than
@@ -25,10 +33,11 @@ from __future__ import annotations
 
 import bisect
 import io
+import itertools
 import os
 from dataclasses import dataclass
 from fractions import Fraction
-from typing import BinaryIO, Callable, Sequence, Union
+from typing import BinaryIO, Callable, Iterator, Sequence, Union
 
 import av
 import numpy as np
@@ -47,6 +56,8 @@ class FrameTable:
     """Display-order timestamps of a video stream, from one demux pass."""
 
     pts: np.ndarray  # (N,) int64, sorted: pts[i] is frame i
+    dts: np.ndarray  # (N,) int64, decode timestamp of frame i's packet (its pts where the container has none)
+    decode_order: np.ndarray  # (N,) int64, position of frame i's packet in the stream
     keyframes: np.ndarray  # (K,) int64, sorted display indices of keyframes
     reliable: bool  # False: timestamps missing or repeated; only a sequential decode is exact
 
@@ -108,19 +119,21 @@ def _video_stream(container: av.container.InputContainer, src: Source) -> av.vid
 
 
 def _frame_table(container: av.container.InputContainer, stream) -> FrameTable:
-    pts, key_pts = [], []
+    pts, dts, is_key = [], [], []
     for packet in container.demux(stream):
         if packet.size == 0 or packet.is_discard:  # the final flush packet; edit-list discards
             continue
-        if packet.pts is None:
-            return FrameTable(np.zeros(0, np.int64), np.zeros(0, np.int64), False)
+        if packet.pts is None:  # no usable timestamps: only a sequential decode numbers the frames
+            pts, dts, is_key = [], [], []
+            break
         pts.append(packet.pts)
-        if packet.is_keyframe:
-            key_pts.append(packet.pts)
-    order = np.asarray(sorted(pts), dtype=np.int64)
-    reliable = len(order) > 0 and bool(np.all(np.diff(order) > 0)) and len(key_pts) > 0
-    keyframes = np.searchsorted(order, np.asarray(sorted(key_pts), dtype=np.int64)).astype(np.int64)
-    return FrameTable(order, keyframes, reliable)
+        dts.append(packet.pts if packet.dts is None else packet.dts)
+        is_key.append(packet.is_keyframe)
+    order = np.argsort(np.asarray(pts, np.int64), kind="stable")  # frame i is packet order[i]
+    sorted_pts = np.asarray(pts, np.int64)[order]
+    keyframes = np.flatnonzero(np.asarray(is_key, bool)[order]).astype(np.int64)
+    reliable = len(order) > 0 and bool(np.all(np.diff(sorted_pts) > 0)) and len(keyframes) > 0
+    return FrameTable(sorted_pts, np.asarray(dts, np.int64)[order], order.astype(np.int64), keyframes, reliable)
 
 
 def frame_table(src: Source) -> FrameTable:
@@ -208,16 +221,28 @@ def _check_size(size: Size) -> None:
         raise ValueError(f"size={size!r}: use None, a short side (int) or (height, width) >= 1")
 
 
-def _decode_sequential(container, stream, wanted: set[int], convert: Convert) -> tuple[dict[int, np.ndarray], int]:
+@dataclass
+class DecodeStats:
+    """The work one VideoDecoder has done: what seeking saves (read by tests and benchmarks)."""
+
+    frames_decoded: int = 0  # every frame the codec produced, wanted or not
+    seeks: int = 0  # container seeks (a retry by dts counts too)
+    sequential_decodes: int = 0  # decodes from the start: the fallback, or counting frames
+
+
+def _decode_sequential(container, stream, wanted: set[int], convert: Convert,
+                       stats: DecodeStats) -> tuple[dict[int, np.ndarray], int]:
     """Decode from the start counting frames, which is the definition of a frame's index.
 
     Returns the wanted frames found and the index of the last frame decoded; when the stream
     ends before the largest wanted index, the last frame is included under its index.
     """
+    stats.sequential_decodes += 1
     out: dict[int, np.ndarray] = {}
     last_needed = max(wanted)
     i, last = -1, None
     for i, frame in enumerate(container.decode(stream)):
+        stats.frames_decoded += 1
         last = frame
         if i in wanted:
             out[i] = convert(frame)
@@ -229,10 +254,39 @@ def _decode_sequential(container, stream, wanted: set[int], convert: Convert) ->
     return out, i
 
 
-def _decode_seeking(container, stream, table: FrameTable, wanted: list[int],
-                    convert: Convert) -> dict[int, np.ndarray] | None:
+def _seek_to_keyframe(container, stream, table: FrameTable, key: int, index_of: dict[int, int],
+                      keyframes: set[int], stats: DecodeStats) -> tuple[int, Iterator[av.Packet]] | None:
+    """Seek to keyframe `key` (a display index): returns the keyframe where demuxing starts
+    (`key` or an earlier one) and the packets from it on, or None if every seek lands after it.
+
+    Tries the keyframe's pts, then its dts (see the module's docstring). The packets read
+    before the first keyframe packet are dropped.
+    """
+    for target in dict.fromkeys((int(table.pts[key]), int(table.dts[key]))):
+        stats.seeks += 1
+        container.seek(target, backward=True, any_frame=False, stream=stream)
+        packets = container.demux(stream)
+        for packet in packets:
+            i = index_of.get(packet.pts)
+            if i is None or table.decode_order[i] > table.decode_order[key]:
+                break  # past the keyframe, or a packet the demux pass did not see
+            if i in keyframes:
+                return i, itertools.chain([packet], packets)
+    return None
+
+
+def _decoded(packets: Iterator[av.Packet], stats: DecodeStats) -> Iterator[av.VideoFrame]:
+    for packet in packets:
+        for frame in packet.decode():
+            stats.frames_decoded += 1
+            yield frame
+
+
+def _decode_seeking(container, stream, table: FrameTable, wanted: list[int], convert: Convert,
+                    stats: DecodeStats) -> dict[int, np.ndarray] | None:
     """Seek-decode the sorted, in-range `wanted` indices; None if the stream defeats seeking."""
     index_of = {int(p): i for i, p in enumerate(table.pts)}
+    keyframes = set(table.keyframes.tolist())
     want = set(wanted)
     out: dict[int, np.ndarray] = {}
     lands_early: set[int] = set()  # keyframes whose seek lands on an earlier one: decode through instead
@@ -241,17 +295,18 @@ def _decode_seeking(container, stream, table: FrameTable, wanted: list[int],
         k = bisect.bisect_right(table.keyframes, wanted[w]) - 1
         if k < 0:
             return None  # no keyframe before the frame: only a sequential decode knows it
-        container.seek(int(table.pts[table.keyframes[k]]), backward=True, any_frame=False, stream=stream)
+        landed = _seek_to_keyframe(container, stream, table, int(table.keyframes[k]), index_of, keyframes, stats)
+        if landed is None:
+            return None
+        start, packets = landed
+        if start < table.keyframes[k]:
+            lands_early.add(k)
         position = -1
-        for frame in container.decode(stream):
-            i = index_of.get(frame.pts) if frame.pts is not None else None
-            if i is None:
-                return None  # a timestamp the demux pass did not see
-            if position < 0 and i < table.keyframes[k]:
-                lands_early.add(k)
-            if i > wanted[w]:
-                return None  # landed past the frame, or the decoder dropped it
-            position = max(position, i)
+        for frame in _decoded(packets, stats):
+            i = index_of.get(frame.pts)
+            if i is None or i > wanted[w] or (position >= 0 and i != position + 1):
+                return None  # not display order, landed past the frame, or the decoder dropped one
+            position = i
             if i in want and i not in out:
                 out[i] = convert(frame)
             while w < len(wanted) and wanted[w] in out:
@@ -281,6 +336,7 @@ class VideoDecoder:
 
     >>> with VideoDecoder(data) as video:
     ...     clip = video.decode(range(0, 64, 4))  # (16, H, W, 3) uint8
+    ...     video.stats  # DecodeStats(frames_decoded=..., seeks=..., sequential_decodes=0)
     """
 
     def __init__(self, src: Source):
@@ -302,6 +358,7 @@ class VideoDecoder:
         # One reformatter, one thread: PyAV's default builds a reformatter per frame, each with an
         # automatic pool of one thread per core; a pool of decode processes wants one thread each.
         self._reformatter = VideoReformatter()
+        self.stats = DecodeStats()
         self._seekable = self.table.reliable
         self._num_frames = self.table.num_frames if self.table.reliable else None
 
@@ -326,7 +383,7 @@ class VideoDecoder:
             clamped = np.minimum(idx, self.table.num_frames - 1)
             try:
                 frames = _decode_seeking(self._container, self._stream, self.table, sorted(set(clamped.tolist())),
-                                         lambda frame: self._to_rgb(frame, size))
+                                         lambda frame: self._to_rgb(frame, size), self.stats)
             except av.FFmpegError as err:
                 raise DecodeError(f"cannot decode {_describe(self._src)}: {err}") from None
             if frames is not None:
@@ -348,7 +405,7 @@ class VideoDecoder:
         with _open(self._src) as container:
             try:
                 return _decode_sequential(container, _video_stream(container, self._src), wanted,
-                                          lambda frame: self._to_rgb(frame, size))
+                                          lambda frame: self._to_rgb(frame, size), self.stats)
             except av.FFmpegError as err:
                 raise DecodeError(f"cannot decode {_describe(self._src)}: {err}") from None
 

@@ -1,11 +1,11 @@
 """Every read and write of the project goes through here: local paths, `file://` and `s3://`.
 
-S3 means AWS or any S3-compatible server (MinIO, Ceph, moto). boto3 lists, uploads and
-downloads; `pyarrow.fs` streams reads (seekable files with range requests). Credentials come
-from the standard AWS chain (environment, config files, instance roles); the endpoint from
-`StorageConfig.endpoint_url`, else `AWS_ENDPOINT_URL_S3` / `AWS_ENDPOINT_URL`. Transient errors
-are retried with backoff; anything else becomes a `StorageError` whose one line names the URI
-(never a secret).
+S3 means AWS or any S3-compatible server (MinIO, Ceph, moto). boto3 lists, uploads, downloads
+and reads whole objects (one GET each); `pyarrow.fs` streams reads (seekable files with range
+requests). Credentials come from the standard AWS chain (environment, config files, instance
+roles); the endpoint from `StorageConfig.endpoint_url`, else `AWS_ENDPOINT_URL_S3` /
+`AWS_ENDPOINT_URL`. Transient errors are retried with backoff; anything else becomes a
+`StorageError` whose one line names the URI (never a secret).
 """
 
 from __future__ import annotations
@@ -25,7 +25,7 @@ from pipeline.config import StorageConfig
 T = TypeVar("T")
 
 _DEFAULT = StorageConfig()
-_READ_ATTEMPTS = 4  # pyarrow reads; boto3 calls retry inside botocore
+_READ_ATTEMPTS = 4  # pyarrow reads and boto3 bodies cut short; boto3 requests retry inside botocore
 _BACKOFF_S = 0.25
 _DENIED_MARKERS = ("ACCESS_DENIED", "AccessDenied", "INVALID_ACCESS_KEY_ID", "InvalidAccessKeyId",
                    "SIGNATURE_DOES_NOT_MATCH", "SignatureDoesNotMatch", "ExpiredToken", "InvalidToken",
@@ -200,7 +200,9 @@ def _from_boto(uri: str, err: Exception, storage: StorageConfig) -> StorageError
         if code == "NoSuchBucket":
             bucket = split_s3(uri)[0] if is_s3(uri) else "?"
             return NotFoundError(f"{uri}: no such bucket {bucket!r}")
-        if code in ("NoSuchKey", "404", "NotFound") or status == 404:
+        if code == "NoSuchKey":  # a GET's answer, which S3 gives only in an existing bucket
+            return NotFoundError(f"{uri}: no such object")
+        if code in ("404", "NotFound") or status == 404:
             return _not_found(uri, storage)
         if code in ("AccessDenied", "InvalidAccessKeyId", "SignatureDoesNotMatch", "ExpiredToken",
                     "InvalidToken", "403", "Forbidden", "InvalidClientTokenId") or status == 403:
@@ -231,7 +233,7 @@ def _from_arrow(uri: str, err: OSError, storage: StorageConfig) -> StorageError 
 
 
 def _with_retries(uri: str, storage: StorageConfig, fn: Callable[[], T]) -> T:
-    """Run a pyarrow S3 read, retrying what looks transient with exponential backoff."""
+    """Run an S3 read, retrying an OSError that looks transient with exponential backoff."""
     for attempt in range(_READ_ATTEMPTS):
         try:
             return fn()
@@ -273,14 +275,22 @@ def open_input(uri: str, *, storage: StorageConfig = _DEFAULT) -> IO[bytes]:
 
 
 def read_bytes(uri: str, *, storage: StorageConfig = _DEFAULT) -> bytes:
-    """The whole object or file."""
+    """The whole object or file; an S3 object in one GET request."""
     if is_s3(uri):
-        bucket, key = split_s3(uri)
-        fs = _arrow(storage)
+        from botocore import exceptions as bex
 
+        bucket, key = split_s3(uri)
+        client = _boto(storage)
+
+        # boto3, not pyarrow: pyarrow's readers send a HEAD for the size before their GET.
         def read() -> bytes:
-            with fs.open_input_file(f"{bucket}/{key}") as f:
-                return f.readall()
+            try:
+                return client.get_object(Bucket=bucket, Key=key)["Body"].read()
+            except (bex.ResponseStreamingError, bex.IncompleteReadError, bex.FlexibleChecksumError) as err:
+                # The body came damaged or cut short; botocore retries requests, not bodies: read again.
+                raise ConnectionError(f"the response body came damaged or cut short ({type(err).__name__})") from None
+            except Exception as err:  # noqa: BLE001 - translated into one line, not retried
+                raise _from_boto(uri, err, storage) from None
 
         return _with_retries(uri, storage, read)
     try:

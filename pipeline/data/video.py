@@ -139,6 +139,7 @@ def probe_video(src: Source, *, min_frames: int = DEFAULT_MIN_FRAMES, min_side: 
                     return bad("unreadable", f"corrupt packet {count} (truncated or damaged file)")
                 if packet.is_keyframe:
                     keyframes.append(count)
+                    last_key_times = (packet.pts, packet.dts)
                 if packet.pts is not None:
                     pts.append(packet.pts)
                 count += 1
@@ -193,10 +194,13 @@ def probe_video(src: Source, *, min_frames: int = DEFAULT_MIN_FRAMES, min_side: 
                 return bad("unreadable", f"truncated: the container declares {declared_s:.2f} s, "
                                          f"the frames cover {covered_s:.2f} s")
 
-        # Pass 2: decode the last group of pictures (where a truncated download is damaged).
+        # Pass 2: decode the last group of pictures (where a truncated download is damaged). Seek to
+        # the earlier of the last keyframe's pts and dts: AVI and MPEG-TS look a seek up by dts, and
+        # with B-frames the keyframe's pts finds a packet after it, from which nothing decodes.
         if decode == "ends" and keyframes and len(pts) == count:
             try:
-                container.seek(pts[keyframes[-1]], stream=stream, backward=True, any_frame=False)
+                container.seek(min(t for t in last_key_times if t is not None), stream=stream, backward=True,
+                               any_frame=False)
                 tail = sum(1 for _ in container.decode(stream))
             except Exception as err:  # noqa: BLE001
                 return bad("unreadable", f"the last frames do not decode: {_one_line(err)}")

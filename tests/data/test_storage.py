@@ -1,12 +1,17 @@
 """pipeline.data.storage on local paths, file:// and a real S3 endpoint over HTTP (moto's server)."""
 
+import contextlib
+import http.client
+import http.server
 import os
+import threading
+from urllib.parse import urlsplit
 
 import pytest
 
 from pipeline.config import StorageConfig
 from pipeline.data import storage as st
-from tests.conftest import moto_server
+from tests.conftest import free_port, moto_server
 
 DATA = bytes(range(256)) * 40  # 10 KiB
 
@@ -93,8 +98,8 @@ def test_endpoint_from_environment(s3_bucket, monkeypatch):
     monkeypatch.setenv("AWS_ENDPOINT_URL", endpoint)
     uri = f"s3://{bucket}/storage-test/env-endpoint.bin"
     st.write_bytes(uri, b"abc")  # boto3
-    assert st.read_bytes(uri) == b"abc"  # pyarrow
-    with st.open_input(uri) as f:
+    assert st.read_bytes(uri) == b"abc"  # boto3 too
+    with st.open_input(uri) as f:  # pyarrow
         assert f.read() == b"abc"
 
 
@@ -146,6 +151,86 @@ def test_transient_read_errors_are_retried(monkeypatch):
 
     with pytest.raises(st.StorageError, match=r"^s3://b/k: read failed after 4 attempts"):
         st._with_retries("s3://b/k", StorageConfig(), down)
+
+
+@contextlib.contextmanager
+def request_log(upstream: str, *, cut_bodies: int = 0):
+    """An HTTP proxy in front of `upstream` that records (method, path) of every request it
+    forwards; the first `cut_bodies` GET responses lose the second half of their body."""
+    target = urlsplit(upstream)
+    log: list[tuple[str, str]] = []
+
+    class Forward(http.server.BaseHTTPRequestHandler):
+        protocol_version = "HTTP/1.1"
+
+        def forward(self):
+            log.append((self.command, self.path))
+            body = self.rfile.read(int(self.headers.get("Content-Length", 0)))
+            upstream_conn = http.client.HTTPConnection(target.hostname, target.port, timeout=30)
+            upstream_conn.request(self.command, self.path, body=body or None, headers=dict(self.headers))
+            response = upstream_conn.getresponse()
+            data = response.read()
+            upstream_conn.close()
+            self.send_response(response.status)
+            for name, value in response.getheaders():
+                if name.lower() not in ("connection", "transfer-encoding"):
+                    self.send_header(name, value)
+            self.end_headers()
+            if self.command == "HEAD":
+                return
+            cut = self.command == "GET" and sum(method == "GET" for method, _ in log) <= cut_bodies
+            self.wfile.write(data[: len(data) // 2] if cut else data)
+            self.close_connection = cut
+
+        do_GET = do_HEAD = do_PUT = do_POST = do_DELETE = forward
+
+        def log_message(self, *args):
+            pass
+
+    server = http.server.ThreadingHTTPServer(("127.0.0.1", 0), Forward)
+    threading.Thread(target=server.serve_forever, daemon=True).start()
+    try:
+        yield f"http://127.0.0.1:{server.server_address[1]}", log
+    finally:
+        server.shutdown()
+        server.server_close()
+
+
+def test_s3_read_bytes_is_one_get(s3_bucket):
+    """pyarrow's readers sent a HEAD for the size, then the GET: two round trips per video."""
+    endpoint, bucket = s3_bucket
+    uri = f"s3://{bucket}/storage-test/one-get.bin"
+    st.write_bytes(uri, DATA, storage=StorageConfig(endpoint_url=endpoint))
+    with request_log(endpoint) as (proxy, log):
+        cfg = StorageConfig(endpoint_url=proxy)
+        assert st.read_bytes(uri, storage=cfg) == DATA
+        assert log == [("GET", f"/{bucket}/storage-test/one-get.bin")]
+        log.clear()
+        missing = f"s3://{bucket}/storage-test/no-such.bin"
+        with pytest.raises(st.NotFoundError, match=f"^{missing}: no such object$"):
+            st.read_bytes(missing, storage=cfg)
+        assert [method for method, _ in log] == ["GET"]
+
+
+def test_s3_read_bytes_retries_a_body_cut_short(s3_bucket, monkeypatch):
+    monkeypatch.setattr(st, "_BACKOFF_S", 0.0)
+    endpoint, bucket = s3_bucket
+    uri = f"s3://{bucket}/storage-test/cut-short.bin"
+    st.write_bytes(uri, DATA, storage=StorageConfig(endpoint_url=endpoint))
+    with request_log(endpoint, cut_bodies=2) as (proxy, log):
+        assert st.read_bytes(uri, storage=StorageConfig(endpoint_url=proxy)) == DATA
+        assert [method for method, _ in log] == ["GET"] * 3
+    with request_log(endpoint, cut_bodies=4) as (proxy, log):
+        with pytest.raises(st.StorageError, match=f"^{uri}: read failed after 4 attempts .*cut short"):
+            st.read_bytes(uri, storage=StorageConfig(endpoint_url=proxy))
+
+
+def test_s3_unreachable_endpoint_is_one_line():
+    endpoint = f"http://127.0.0.1:{free_port()}"  # nothing listens there
+    uri = "s3://some-bucket/some/key.mp4"
+    with pytest.raises(st.StorageError) as info:
+        st.read_bytes(uri, storage=StorageConfig(endpoint_url=endpoint))
+    assert str(info.value) == f"{uri}: cannot reach the S3 endpoint {endpoint} after retries (EndpointConnectionError)"
 
 
 def test_ray_storage(s3_bucket, tmp_path):

@@ -64,6 +64,17 @@ def _keyframes(path) -> list[int]:
         return [i for i, p in enumerate(container.demux(container.streams.video[0])) if p.size and p.is_keyframe]
 
 
+@pytest.mark.parametrize("name, codec, container_format", [("h264.ts", "libx264", "mpegts"),
+                                                          ("mpeg4.ts", "mpeg4", "mpegts"),
+                                                          ("mpeg4.avi", "mpeg4", "avi")])
+def test_probe_decodes_the_last_gop_of_bframe_streams_in_ts_and_avi(tmp_path, name, codec, container_format):
+    """TS and AVI look seeks up by dts: seeking to the last keyframe's pts landed after it, nothing
+    decoded from there, and every good TS with B-frames was called unreadable."""
+    path = write_video(tmp_path / name, make_frames(40, seed=13), codec=codec, gop=12, container_format=container_format)
+    info = probe_video(path)
+    assert info["status"] == "ok" and info["num_frames"] == 40, info
+
+
 @pytest.mark.parametrize("stride", [1, 4])
 def test_transcode_keeps_every_nth_frame_with_increasing_pts(tmp_path, stride):
     src = write_video(tmp_path / "src.mp4", make_frames(48), bframes=True)

@@ -46,7 +46,8 @@ def write_video(path: str | Path, frames: np.ndarray, *, fps: float = 30, codec:
     """Encode RGB `(T, H, W, 3)` uint8 frames; returns `path`.
 
     `times_s` gives each frame's timestamp (variable frame rate); otherwise frame i is at i/fps.
-    `bframes` asks libx264 for B-frames (so decode order differs from presentation order).
+    `bframes` asks libx264 (3) or MPEG-4 Part 2 (2) for B-frames (so decode order differs from
+    presentation order).
     `colour` (a `COLOURS` name) converts RGB to YUV with that matrix and range and tags the stream
     so; without it PyAV converts with BT.601 limited range and tags nothing. `rotation` (degrees
     counter-clockwise, as `VideoFrame.rotation` reads it back), `hflip` (mirror after turning) and
@@ -73,6 +74,8 @@ def write_video(path: str | Path, frames: np.ndarray, *, fps: float = 30, codec:
             context.colorspace, context.color_range, context.color_primaries, context.color_trc = tags
         if gop:
             stream.codec_context.gop_size = gop
+        if codec == "mpeg4" and bframes:
+            stream.codec_context.max_b_frames = 2
         if codec == "libx264":
             params = [f"bframes={3 if bframes else 0}"]
             if gop:
