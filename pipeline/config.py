@@ -62,6 +62,11 @@ class DataConfig:
     decode_nodes: str = "uniformer.io/node-role=decode"
     # Object store bytes (GB) the training's data stream may hold; 0: Ray Data's default share.
     object_store_budget_gb: float = 0.0
+    # Inference (evaluate, predict): the network runs in a Ray Data actor pool, one actor per GPU of the
+    # cluster, or this many actors on CPU when it has none.
+    inference_cpu_actors: int = 1
+    inference_actor_cpus: float = 1.0  # CPUs each inference actor reserves (on CPU, also its torch threads)
+    inference_batch_size: int = 16  # views per forward pass of an inference actor
 
 
 @dataclass(frozen=True)
@@ -290,6 +295,8 @@ def validate(cfg: Config) -> Config:
     for key, value in [("data.num_frames", d.num_frames), ("data.sampling_rate", d.sampling_rate),
                        ("data.crop_size", d.crop_size), ("data.short_side", d.short_side),
                        ("data.repeated_aug", d.repeated_aug), ("data.test_clips", d.test_clips),
+                       ("data.inference_cpu_actors", d.inference_cpu_actors),
+                       ("data.inference_batch_size", d.inference_batch_size),
                        ("model.num_classes", m.num_classes), ("optim.epochs", o.epochs),
                        ("optim.grad_accum_steps", o.grad_accum_steps),
                        ("train.num_workers", t.num_workers), ("train.batch_size", t.batch_size),
@@ -308,6 +315,7 @@ def validate(cfg: Config) -> Config:
     _check(d.decode_concurrency >= 0, "data.decode_concurrency", "must be >= 0", d.decode_concurrency)
     _check(not d.decode_nodes or re.fullmatch(r"[\w./-]+=[\w.-]+", d.decode_nodes) is not None, "data.decode_nodes",
            "must be a node label key=value, or empty", d.decode_nodes)
+    _check(d.inference_actor_cpus > 0, "data.inference_actor_cpus", "must be > 0", d.inference_actor_cpus)
     _check(d.object_store_budget_gb >= 0, "data.object_store_budget_gb", "must be >= 0", d.object_store_budget_gb)
     _check(0 <= d.random_erasing <= 1, "data.random_erasing", "must be a probability in [0, 1]", d.random_erasing)
     if d.rand_augment:
@@ -355,14 +363,15 @@ def validate(cfg: Config) -> Config:
 
 
 # What may change when a training resumes under the same train.run_name: how long it runs, how
-# often it validates and checkpoints, how it survives failures, how many CPUs it takes and what it
-# reports. Anything else
+# often it validates and checkpoints, how it survives failures, how many CPUs it takes, what it
+# reports and how inference runs (training never reads those). Anything else
 # would make the run's params and checkpoints describe a training that did not happen.
 RESUMABLE_KEYS = frozenset({"optim.epochs", "train.val_every_epochs", "train.checkpoint_every_epochs",
                             "train.max_failures", "train.keep_checkpoints", "train.cpus_per_worker",
                             "data.decode_cpus", "data.decode_concurrency", "data.decode_nodes",
-                            "data.object_store_budget_gb", "tracking.system_metrics",
-                            "tracking.log_every_steps"})
+                            "data.object_store_budget_gb", "data.inference_cpu_actors",
+                            "data.inference_actor_cpus", "data.inference_batch_size",
+                            "tracking.system_metrics", "tracking.log_every_steps"})
 
 
 def training_identity(cfg: Config, manifest_hash: str) -> dict[str, str]:
