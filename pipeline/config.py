@@ -428,6 +428,12 @@ def int_at_least(minimum: int):
     return parse
 
 
+def _is_override(text: str) -> bool:
+    """`section.key=value` with a section of the config: an override, not a path or URI."""
+    sections = "|".join(f.name for f in dataclasses.fields(Config))
+    return re.fullmatch(rf"(?:{sections})\.[\w.]+=.*", text, flags=re.DOTALL) is not None
+
+
 def add_config_args(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--config", help="YAML config file (infra/configs/...)")
     parser.add_argument("overrides", nargs="*", metavar="key=value",
@@ -436,14 +442,20 @@ def add_config_args(parser: argparse.ArgumentParser) -> None:
 
 def parse_job_args(parser: argparse.ArgumentParser, argv: list[str] | None,
                    flag_keys: dict[str, str] | None = None,
-                   default_config: str | Path | None = None) -> tuple[argparse.Namespace, Config]:
+                   default_config: str | Path | None = None,
+                   optional_positional: str | None = None) -> tuple[argparse.Namespace, Config]:
     """Parse a job's flags plus `--config` and overrides; a bad config exits with one line.
 
     `flag_keys` maps a flag's dest to the config key it sets (e.g. init_from -> model.init_from).
+    `optional_positional` is the dest of the job's optional positional argument (predict's VIDEO_URI):
+    when it is left out, argparse hands it the first override instead, which goes back to the overrides.
     """
     add_config_args(parser)
     parser.set_defaults(config=default_config)
     args = parser.parse_args(argv)
+    if optional_positional and _is_override(getattr(args, optional_positional) or ""):
+        args.overrides.insert(0, getattr(args, optional_positional))
+        setattr(args, optional_positional, None)
     flag_overrides = [f"{key}={getattr(args, dest)}" for dest, key in (flag_keys or {}).items()
                       if getattr(args, dest) is not None]
     try:

@@ -18,6 +18,8 @@ import dataclasses
 import io
 import pickle
 import tempfile
+import time
+from collections import Counter
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -27,7 +29,7 @@ import pyarrow as pa
 
 from pipeline.config import Config, DataConfig, config_from_dict
 from pipeline.tracking.datasets import labels_from_manifest
-from pipeline.tracking.predictions import TOP_K, EvidenceKey, prediction_table
+from pipeline.tracking.predictions import TOP_K, EvidenceKey, prediction_table, to_parquet_bytes
 from pipeline.tracking.runs import client_for
 
 # Data settings that belong to the model (how it was trained); a value set on the command line or
@@ -244,3 +246,22 @@ def run_inference(cfg: Config, model: LoadedModel, manifest: pa.Table, *, split:
     key = EvidenceKey(manifest_hash(manifest), split, data.test_clips, data.test_crops)
     return prediction_table(manifest, videos, key=key, labels=labels, top_k=top_k)
 
+
+def predict_manifest(cfg: Config, model_uri: str, manifest_uri: str, output_uri: str, *, split: str | None = None,
+                     top_k: int = TOP_K) -> dict[str, Any]:
+    """`uniformer predict --manifest`: the prediction table of `split` (every split when None) written as
+    Parquet to `output_uri` (local or s3://); returns the job's summary."""
+    from pipeline.data import storage
+    from pipeline.data.manifest import read_manifest
+
+    t0 = time.perf_counter()
+    manifest = read_manifest(manifest_uri, storage=cfg.storage)
+    model = load_model(cfg, model_uri)
+    data = eval_data_config(cfg, model.preprocess)
+    table = run_inference(cfg, model, manifest, split=split, data=data, top_k=top_k)
+    storage.write_bytes(output_uri, to_parquet_bytes(table), storage=cfg.storage)
+    statuses = Counter(table.column("status").to_pylist())
+    return {"model_uri": model_uri, "manifest": manifest_uri, "output": output_uri, "split": split,
+            "videos": table.num_rows, "ok": statuses["ok"], "unusable": table.num_rows - statuses["ok"],
+            "statuses": dict(statuses), "test_clips": data.test_clips, "test_crops": data.test_crops,
+            "seconds": round(time.perf_counter() - t0, 1)}
