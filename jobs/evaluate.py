@@ -26,11 +26,12 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument("--no-log", action="store_true", help="do not log the evaluation to MLflow")
     args, cfg = parse_job_args(parser, argv)
     from pipeline.data.storage import StorageError
-    from pipeline.tracking.evaluate import EvaluationError, evaluate
+    from pipeline.tracking.evaluate import evaluate
+    from pipeline.tracking.inference import InferenceError
 
     try:
         result = evaluate(cfg, args.model, args.manifest, split=args.split, log=not args.no_log)
-    except (EvaluationError, StorageError) as err:
+    except (InferenceError, StorageError) as err:
         parser.exit(1, f"{parser.prog}: {err}\n")
     print(json.dumps(result))
 

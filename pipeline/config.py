@@ -62,6 +62,11 @@ class DataConfig:
     decode_nodes: str = "uniformer.io/node-role=decode"
     # Object store bytes (GB) the training's data stream may hold; 0: Ray Data's default share.
     object_store_budget_gb: float = 0.0
+    # Inference (evaluate, predict): the network runs in a Ray Data actor pool, one actor per GPU of the
+    # cluster, or this many actors on CPU when it has none.
+    inference_cpu_actors: int = 1
+    inference_actor_cpus: float = 1.0  # CPUs each inference actor reserves (on CPU, also its torch threads)
+    inference_batch_size: int = 16  # views per forward pass of an inference actor
 
 
 @dataclass(frozen=True)
@@ -290,6 +295,8 @@ def validate(cfg: Config) -> Config:
     for key, value in [("data.num_frames", d.num_frames), ("data.sampling_rate", d.sampling_rate),
                        ("data.crop_size", d.crop_size), ("data.short_side", d.short_side),
                        ("data.repeated_aug", d.repeated_aug), ("data.test_clips", d.test_clips),
+                       ("data.inference_cpu_actors", d.inference_cpu_actors),
+                       ("data.inference_batch_size", d.inference_batch_size),
                        ("model.num_classes", m.num_classes), ("optim.epochs", o.epochs),
                        ("optim.grad_accum_steps", o.grad_accum_steps),
                        ("train.num_workers", t.num_workers), ("train.batch_size", t.batch_size),
@@ -308,6 +315,7 @@ def validate(cfg: Config) -> Config:
     _check(d.decode_concurrency >= 0, "data.decode_concurrency", "must be >= 0", d.decode_concurrency)
     _check(not d.decode_nodes or re.fullmatch(r"[\w./-]+=[\w.-]+", d.decode_nodes) is not None, "data.decode_nodes",
            "must be a node label key=value, or empty", d.decode_nodes)
+    _check(d.inference_actor_cpus > 0, "data.inference_actor_cpus", "must be > 0", d.inference_actor_cpus)
     _check(d.object_store_budget_gb >= 0, "data.object_store_budget_gb", "must be >= 0", d.object_store_budget_gb)
     _check(0 <= d.random_erasing <= 1, "data.random_erasing", "must be a probability in [0, 1]", d.random_erasing)
     if d.rand_augment:
@@ -355,14 +363,15 @@ def validate(cfg: Config) -> Config:
 
 
 # What may change when a training resumes under the same train.run_name: how long it runs, how
-# often it validates and checkpoints, how it survives failures, how many CPUs it takes and what it
-# reports. Anything else
+# often it validates and checkpoints, how it survives failures, how many CPUs it takes, what it
+# reports and how inference runs (training never reads those). Anything else
 # would make the run's params and checkpoints describe a training that did not happen.
 RESUMABLE_KEYS = frozenset({"optim.epochs", "train.val_every_epochs", "train.checkpoint_every_epochs",
                             "train.max_failures", "train.keep_checkpoints", "train.cpus_per_worker",
                             "data.decode_cpus", "data.decode_concurrency", "data.decode_nodes",
-                            "data.object_store_budget_gb", "tracking.system_metrics",
-                            "tracking.log_every_steps"})
+                            "data.object_store_budget_gb", "data.inference_cpu_actors",
+                            "data.inference_actor_cpus", "data.inference_batch_size",
+                            "tracking.system_metrics", "tracking.log_every_steps"})
 
 
 def training_identity(cfg: Config, manifest_hash: str) -> dict[str, str]:
@@ -419,6 +428,12 @@ def int_at_least(minimum: int):
     return parse
 
 
+def _is_override(text: str) -> bool:
+    """`section.key=value` with a section of the config: an override, not a path or URI."""
+    sections = "|".join(f.name for f in dataclasses.fields(Config))
+    return re.fullmatch(rf"(?:{sections})\.[\w.]+=.*", text, flags=re.DOTALL) is not None
+
+
 def add_config_args(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--config", help="YAML config file (infra/configs/...)")
     parser.add_argument("overrides", nargs="*", metavar="key=value",
@@ -427,14 +442,20 @@ def add_config_args(parser: argparse.ArgumentParser) -> None:
 
 def parse_job_args(parser: argparse.ArgumentParser, argv: list[str] | None,
                    flag_keys: dict[str, str] | None = None,
-                   default_config: str | Path | None = None) -> tuple[argparse.Namespace, Config]:
+                   default_config: str | Path | None = None,
+                   optional_positional: str | None = None) -> tuple[argparse.Namespace, Config]:
     """Parse a job's flags plus `--config` and overrides; a bad config exits with one line.
 
     `flag_keys` maps a flag's dest to the config key it sets (e.g. init_from -> model.init_from).
+    `optional_positional` is the dest of the job's optional positional argument (predict's VIDEO_URI):
+    when it is left out, argparse hands it the first override instead, which goes back to the overrides.
     """
     add_config_args(parser)
     parser.set_defaults(config=default_config)
     args = parser.parse_args(argv)
+    if optional_positional and _is_override(getattr(args, optional_positional) or ""):
+        args.overrides.insert(0, getattr(args, optional_positional))
+        setattr(args, optional_positional, None)
     flag_overrides = [f"{key}={getattr(args, dest)}" for dest, key in (flag_keys or {}).items()
                       if getattr(args, dest) is not None]
     try:

@@ -47,6 +47,9 @@ def test_round_trip_through_dict_and_yaml(tmp_path):
     ("data.num_frames=7", r"data\.num_frames must be even"),
     ("data.crop_size=100", r"data\.crop_size must be a multiple of 32"),
     ("train.num_workers=0", r"train\.num_workers must be at least 1"),
+    ("data.inference_cpu_actors=0", r"data\.inference_cpu_actors must be at least 1, got 0"),
+    ("data.inference_batch_size=0", r"data\.inference_batch_size must be at least 1, got 0"),
+    ("data.inference_actor_cpus=0", r"data\.inference_actor_cpus must be > 0, got 0"),
     ("data.scale=[0.5]", r"data\.scale: expected a list of 2 numbers"),
     ("nonsense", r"not of the form section\.key=value"),
 ])

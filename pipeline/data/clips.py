@@ -122,9 +122,9 @@ def stack_rows(rows: list[dict[str, Any]]) -> dict[str, np.ndarray]:
             "valid": np.asarray([r["valid"] for r in rows], dtype=bool)}
 
 
-def select_rows(manifest: pa.Table, *, split: str, training: bool) -> pa.Table:
-    """The split's rows with a `video_id` column; training keeps only `ok` rows, evaluation keeps
-    all of them (the unusable ones come out as `valid=False`)."""
+def select_rows(manifest: pa.Table, *, split: str | None, training: bool) -> pa.Table:
+    """The split's rows (every row when `split` is None) with a `video_id` column; training keeps only
+    `ok` rows, evaluation keeps all of them (the unusable ones come out as `valid=False`)."""
     missing = [c for c in ("path", "label", "split", "status") if c not in manifest.column_names]
     if missing:
         raise ValueError(f"manifest lacks column(s) {', '.join(missing)}; it has {', '.join(manifest.column_names)}")
@@ -134,7 +134,7 @@ def select_rows(manifest: pa.Table, *, split: str, training: bool) -> pa.Table:
         ids = (manifest["index"].cast(pa.int64()) if "index" in manifest.column_names
                else pa.array(np.arange(manifest.num_rows, dtype=np.int64)))
         manifest = manifest.append_column("video_id", ids)
-    mask = pc.equal(manifest["split"], split)
+    mask = pc.equal(manifest["split"], split) if split is not None else pa.array(np.ones(manifest.num_rows, bool))
     if training:
         mask = pc.and_(mask, pc.equal(manifest["status"], "ok"))
     rows = manifest.filter(mask)
@@ -231,8 +231,9 @@ def _view_batches(batch: pa.Table, *, data: DataConfig, storage: StorageConfig) 
         yield stack_rows(make_clip_rows(row, data=data, storage=storage, training=False, seed=0))
 
 
-def view_dataset(manifest: pa.Table, *, split: str, data: DataConfig, storage: StorageConfig):
-    """A Ray Dataset of the evaluation views of every row of the split, in manifest order:
+def view_dataset(manifest: pa.Table, *, split: str | None, data: DataConfig, storage: StorageConfig):
+    """A Ray Dataset of the evaluation views of every row of the split (of the manifest when `split` is
+    None), in manifest order:
     `test_clips x test_crops` deterministic views per video, `valid=False` rows for the unusable."""
     import ray.data
 

@@ -97,7 +97,7 @@ def register(cfg: Config, run_id: str, name: str) -> dict[str, Any]:
 
 def _evaluation_runs(client: MlflowClient, version, manifest_hash: str, split: str) -> list:
     """FINISHED evaluation runs of the version's logged model on (manifest_hash, split), newest first."""
-    from pipeline.tracking.evaluate import version_model_id
+    from pipeline.tracking.inference import version_model_id
 
     model_id = version_model_id(version)
     if not model_id or not version.run_id:
@@ -196,7 +196,7 @@ def _decide(cfg: Config, client: MlflowClient, name: str, challenger, champion, 
                                    (key.test_clips, key.test_crops), log=not dry_run)
             champ_info["evaluated_now"] = True
         result = gate.compare(ours, theirs, metric=metric)
-    except (RegistryError, StorageError, ValueError, OSError) as err:  # GateError and EvaluationError too
+    except (RegistryError, StorageError, ValueError, OSError) as err:  # GateError and InferenceError too
         return Decision("refused", f"cannot compare version {challenger.version} with champion version "
                         f"{champion.version} on manifest {manifest_hash[:12]}, split {split!r}: {err}",
                         ch_info, champ_info)

@@ -107,16 +107,22 @@ def video_views(src, preprocess: dict[str, Any], *, frame_stride: int = 1) -> np
     return np.stack(views)
 
 
-def score_views(net, views_uint8: np.ndarray, preprocess: dict[str, Any], device) -> np.ndarray:
-    """Softmax scores (num_classes,) summed over the views of one video, divided by their number."""
+def view_probabilities(net, views_uint8: np.ndarray, *, mean, std, device):
+    """Softmax scores (V, num_classes), float32 on `device`, of uint8 views (V, T, H, W, 3) normalised
+    with `mean` and `std`; bf16 autocast on CUDA."""
     import torch
 
     from pipeline.data.transforms import normalize_on_device
 
     batch = torch.from_numpy(np.ascontiguousarray(views_uint8)).to(device)
-    clips = normalize_on_device(batch, tuple(preprocess["mean"]), tuple(preprocess["std"]))
+    clips = normalize_on_device(batch, tuple(mean), tuple(std))
     with torch.inference_mode(), torch.autocast(device.type, dtype=torch.bfloat16, enabled=device.type == "cuda"):
-        probs = net(clips).float().softmax(dim=-1)
+        return net(clips).float().softmax(dim=-1)
+
+
+def score_views(net, views_uint8: np.ndarray, preprocess: dict[str, Any], device) -> np.ndarray:
+    """Softmax scores (num_classes,) summed over the views of one video, divided by their number."""
+    probs = view_probabilities(net, views_uint8, mean=preprocess["mean"], std=preprocess["std"], device=device)
     return (probs.sum(dim=0) / probs.shape[0]).cpu().numpy()
 
 
@@ -348,15 +354,14 @@ def read_artifacts(artifacts: dict[str, str]) -> tuple[dict[str, Any], list[str]
     return preprocess, labels, torch.load(artifacts["weights"], map_location="cpu", weights_only=True)
 
 
-def load_bundle(model_dir: str | Path):
-    """(network, preprocess, labels) from a downloaded video-classifier model folder."""
+def read_bundle(model_dir: str | Path) -> tuple[dict[str, Any], list[str], dict]:
+    """(preprocess, labels, state dict) from a downloaded video-classifier model folder."""
     folder = Path(model_dir) / "artifacts"
     if not (folder / PREPROCESS).is_file():
         raise ValueError(f"{model_dir} is not a video-classifier model (no artifacts/{PREPROCESS}); "
                          "pass the pyfunc model logged by training (…/video_classifier) or a checkpoint")
-    preprocess, labels, state = read_artifacts({"preprocess": str(folder / PREPROCESS),
-                                                "labels": str(folder / LABELS), "weights": str(folder / WEIGHTS)})
-    return build_model(preprocess, state, inference=True), preprocess, labels
+    return read_artifacts({"preprocess": str(folder / PREPROCESS), "labels": str(folder / LABELS),
+                           "weights": str(folder / WEIGHTS)})
 
 
 def predict_videos(model_uri: str, videos: Sequence[str], *, top_k: int = DEFAULT_TOP_K) -> list[dict[str, Any]]:

@@ -98,6 +98,8 @@ def test_select_rows(manifest):
     assert train.num_rows == 7 and set(train["status"].to_pylist()) == {"ok"}
     val = select_rows(manifest, split="val", training=False)
     assert val.num_rows == 4 and "missing" in val["status"].to_pylist()  # reported, not dropped
+    every = select_rows(manifest, split=None, training=False)  # inference over a whole manifest
+    assert every["video_id"].to_pylist() == list(range(manifest.num_rows))
     with pytest.raises(ValueError, match=r"no usable rows in split 'test'; the manifest has splits \['train', 'val'\]"):
         select_rows(manifest, split="test", training=True)
 

@@ -158,7 +158,8 @@ def fake_evaluation(cfg, run_id: str, manifest_uri: str, correct: list[bool], *,
     outcome of the first len(correct) usable val videos (in manifest order) given by `correct` instead
     of measured; the others are undecodable."""
     from pipeline.data.manifest import manifest_hash, read_manifest
-    from pipeline.tracking.evaluate import Evaluation, _model_source, log_evaluation, metrics_from_scores
+    from pipeline.tracking.evaluate import Evaluation, log_evaluation, metrics_from_predictions
+    from pipeline.tracking.inference import _model_source
     from pipeline.tracking.predictions import EvidenceKey, prediction_table
     from pipeline.tracking.runs import client_for
 
@@ -169,16 +170,14 @@ def fake_evaluation(cfg, run_id: str, manifest_uri: str, correct: list[bool], *,
     for (i, label), right in zip(usable, correct):
         scores = np.full(len(LABELS), 0.1)
         scores[label if right else (label + 1) % len(LABELS)] = 0.8
-        videos[i] = {"scores": scores * clips * crops, "views": clips * crops, "label": label}
-    metrics, confusion = metrics_from_scores(videos, len(LABELS))
+        videos[i] = {"scores": scores * clips * crops, "views": clips * crops}
     model_uri = f"runs:/{run_id}/video_classifier"
     key = EvidenceKey(manifest_hash(table), "val", clips, crops)
-    unusable = split.count("val") - len(videos)
-    result = {**metrics, "eval_videos": len(videos), "eval_unusable": unusable, "eval_views": clips * crops,
-              "model_uri": model_uri, "manifest": manifest_uri, "manifest_hash": key.manifest_hash, "split": "val",
-              "test_clips": clips, "test_crops": crops, "source_run_id": run_id,
-              "model_id": _model_source(client_for(cfg), model_uri)[1]}
+    predictions = prediction_table(table, videos, key=key, labels=LABELS)
+    metrics, confusion = metrics_from_predictions(predictions, len(LABELS))
+    result = {**metrics, "eval_views": clips * crops, "model_uri": model_uri, "manifest": manifest_uri,
+              "manifest_hash": key.manifest_hash, "split": "val", "test_clips": clips, "test_crops": crops,
+              "source_run_id": run_id, "model_id": _model_source(client_for(cfg), model_uri)[1]}
     data = dataclasses.replace(cfg.data, test_clips=clips, test_crops=crops)
-    evaluation = Evaluation(result, prediction_table(table, videos, key=key, labels=LABELS), table, data, LABELS,
-                            confusion)
+    evaluation = Evaluation(result, predictions, table, data, LABELS, confusion)
     return log_evaluation(cfg, evaluation, manifest_uri=manifest_uri)

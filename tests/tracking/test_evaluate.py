@@ -13,7 +13,8 @@ from jobs import evaluate as evaluate_job
 from jobs import promote as promote_job
 from pipeline.data.manifest import manifest_hash, read_manifest, write_manifest
 from pipeline.tracking import predictions, registry
-from pipeline.tracking.evaluate import EvaluationError, evaluate
+from pipeline.tracking.evaluate import evaluate
+from pipeline.tracking.inference import InferenceError
 from pipeline.tracking.runs import client_for
 from tests.tracking.conftest import fake_training, tiny_config
 
@@ -50,7 +51,7 @@ def test_evaluate_register_and_promote_against_an_evaluated_champion(ray_local, 
                          "predictions.parquet"}
     unusable = open(client.download_artifacts(eval_run.info.run_id, "eval_unusable.csv")).read()
     assert "broken.mp4,unreadable,moov atom not found" in unusable
-    assert "garbage.mp4,undecodable,no view could be decoded at evaluation" in unusable
+    assert "garbage.mp4,undecodable,no view could be decoded" in unusable
 
     # The same weights from a training checkpoint give the same scores.
     checkpoint = tmp_path / "checkpoint"
@@ -115,9 +116,9 @@ def test_evaluate_refuses_a_manifest_with_other_labels(embedded, tiny_videos, tm
 
     torch.save({"model_state": create_uniformer("uniformer_xs", num_classes=2).state_dict(),
                 "config": tiny_config(extra=("model.num_classes=2",)).to_dict()}, checkpoint)
-    with pytest.raises(EvaluationError, match="the model has 2 classes"):
+    with pytest.raises(InferenceError, match="the model has 2 classes"):
         evaluate(cfg, str(checkpoint), tiny_videos["manifest"], split="val", log=False)
-    with pytest.raises(EvaluationError, match="no 'test' rows; splits: train, val"):
+    with pytest.raises(InferenceError, match="no 'test' rows; splits: train, val"):
         evaluate(cfg, str(checkpoint), tiny_videos["manifest"], split="test", log=False)
 
 
@@ -132,6 +133,6 @@ def test_evaluate_refuses_a_checkpoint_that_would_run_pickled_code(embedded, tin
     cfg = tiny_config(manifest=tiny_videos["manifest"])
     torch.save({"model_state": create_uniformer("uniformer_xs", num_classes=3).state_dict(), "config": cfg.to_dict(),
                 "extra": _Payload()}, tmp_path / "checkpoint.pt")
-    with pytest.raises(EvaluationError, match=r"checkpoint.pt holds objects other than tensors and plain values, "
+    with pytest.raises(InferenceError, match=r"checkpoint.pt holds objects other than tensors and plain values, "
                                               r"which would run code when unpickled \(Weights only load failed"):
         evaluate(cfg, str(tmp_path / "checkpoint.pt"), tiny_videos["manifest"], split="val", log=False)

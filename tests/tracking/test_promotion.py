@@ -19,7 +19,7 @@ from pipeline.data.manifest import manifest_hash, read_manifest
 from pipeline.tracking import gate
 from pipeline.tracking import predictions as pred
 from pipeline.tracking import registry
-from pipeline.tracking.evaluate import version_model_id
+from pipeline.tracking.inference import version_model_id
 from pipeline.tracking.runs import client_for
 from tests.tracking.conftest import LABELS, ROOT, fake_evaluation, fake_training, tiny_config
 
@@ -86,7 +86,7 @@ def test_prediction_table_has_one_row_per_split_video_unusable_included(tiny_vid
     label0 = table.column("label")[ok_val[0]].as_py()
     scores = np.zeros(3)
     scores[label0] = 2.0
-    videos = {ok_val[0]: {"scores": scores + 0.2, "views": 2, "label": label0}}
+    videos = {ok_val[0]: {"scores": scores + 0.2, "views": 2}}
     key = pred.EvidenceKey(manifest_hash(table), "val", 2, 1)
     out = pred.prediction_table(table, videos, key=key, labels=LABELS)
     assert out.column("video_id").to_pylist() == val and pred.key_of(out) == key
