@@ -34,7 +34,8 @@ class MetricQueue:
     tracking server is down (MLflow's client gives up after about 4 minutes of its own retries)
     the thread keeps the metrics and tries again, so an outage neither stalls the step nor loses
     metrics. Past `max_pending` metrics the oldest are dropped, counted and warned about.
-    `close` waits up to `timeout_s` for the queue to drain and returns what stayed undelivered.
+    `close` waits up to `timeout_s` for the queue to drain (retries keep their backoff), then stops
+    the thread and returns what stayed undelivered.
     """
 
     BATCH = 1000  # MLflow's limit on metrics per log_batch
@@ -49,8 +50,8 @@ class MetricQueue:
         self.pending: collections.deque[Metric] = collections.deque()
         self.dropped = 0
         self.cond = threading.Condition()
-        self.closing = False
-        self.closed = threading.Event()  # wakes a retry wait early at close
+        self.closing = False  # close() called: deliver what is queued, then end
+        self.abandoned = False  # close() timed out: end now, keep nothing more in flight
         self.thread = threading.Thread(target=self._send_forever, name="mlflow-metrics", daemon=True)
         self.thread.start()
 
@@ -70,7 +71,7 @@ class MetricQueue:
             with self.cond:
                 while not self.pending and not self.closing:
                     self.cond.wait()
-                if not self.pending:
+                if not self.pending or self.abandoned:
                     return
                 batch = [self.pending[i] for i in range(min(self.BATCH, len(self.pending)))]
             try:
@@ -80,7 +81,10 @@ class MetricQueue:
                     _log.warning("tracking server unreachable, metrics kept and retried: %s",
                                  redact(str(err)).splitlines()[0][:300])
                 failing = True
-                self.closed.wait(timeout=delay)
+                # The backoff holds after close() too (a retry storm would meet a server coming
+                # back); only abandonment cuts it short.
+                with self.cond:
+                    self.cond.wait_for(lambda: self.abandoned, timeout=delay)
                 delay = min(delay * 2, self.retry_s[1])
                 continue
             if failing:
@@ -96,8 +100,12 @@ class MetricQueue:
         with self.cond:
             self.closing = True
             self.cond.notify_all()
-        self.closed.set()
         self.thread.join(timeout=timeout_s)
+        with self.cond:
+            self.abandoned = True
+            self.cond.notify_all()
+        # Ends at once unless a request is in flight; that request is the last the thread makes.
+        self.thread.join(timeout=5.0)
         with self.cond:
             undelivered = len(self.pending) + self.dropped
         if undelivered:

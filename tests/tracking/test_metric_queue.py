@@ -63,3 +63,19 @@ def test_close_reports_what_could_not_be_delivered():
     for step in range(1, 21):
         queue.log({"train_loss": float(step)}, step)
     assert queue.close(timeout_s=0.5) == 20  # 10 kept but undelivered + 10 dropped past max_pending
+    assert not queue.thread.is_alive()  # close() ended the thread: nothing retries behind the caller
+    calls_at_close = client.calls
+    # Backoff of 0.01 s doubling to 0.05 s within 0.5 s: about a dozen tries, not a storm.
+    assert calls_at_close <= 15
+    time.sleep(0.3)
+    assert client.calls == calls_at_close
+
+
+def test_close_keeps_the_backoff_while_the_server_stays_down():
+    client = FlakyClient()
+    client.down.set()
+    queue = MetricQueue(client, "run", retry_s=(0.2, 0.2))
+    queue.log({"train_loss": 1.0}, 1)
+    assert queue.close(timeout_s=1.0) == 1
+    assert client.calls <= 7  # one try per 0.2 s backoff over the second, none in a tight loop
+    assert not queue.thread.is_alive()
