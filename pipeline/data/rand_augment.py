@@ -59,8 +59,79 @@ def parse_rand_augment(text: str) -> RandAugmentSpec:
     return spec
 
 
+@dataclass(frozen=True)
+class OpDraw:
+    """One op of a clip's plan with its drawn parameter, resolved to what the op needs: degrees
+    (Rotate), bits kept (Posterize), threshold (Solarize), amount added (SolarizeAdd), blend factor
+    (Color, Contrast, Brightness, Sharpness), shear factor (ShearX/Y), signed fraction of the frame
+    (TranslateXRel/YRel); 0 for AutoContrast, Equalize and Invert. A plan is plain numbers, so it can
+    travel with the frames and be applied elsewhere (`pipeline.data.device_augment`)."""
+    name: str
+    value: float = 0.0
+
+
 def _signed(value: float, rng: np.random.Generator) -> float:
     return -value if rng.random() > 0.5 else value
+
+
+def _enhance_factor(m: float, rng: np.random.Generator, increasing: bool) -> float:
+    # increasing: 1 -/+ up to 0.9, further from "no change" as m grows; else 0.1 + 0.18 m (m=5: no change)
+    return 1.0 + _signed(m / MAX_MAGNITUDE * 0.9, rng) if increasing else m / MAX_MAGNITUDE * 1.8 + 0.1
+
+
+def _posterize_bits(m: float, increasing: bool) -> int:
+    bits = int(m / MAX_MAGNITUDE * 4)
+    return 4 - bits if increasing else bits  # bits kept: fewer is stronger
+
+
+def _solarize_threshold(m: float, increasing: bool) -> int:
+    threshold = int(m / MAX_MAGNITUDE * 256)
+    return 256 - threshold if increasing else threshold  # pixels at or above it are inverted
+
+
+# How each op turns a magnitude into its parameter, drawing signs from the clip's generator in the
+# official order (the official op list, in its order; the `inc` variants where the name says so).
+_RESOLVE: dict[str, Callable[[float, np.random.Generator, bool], float]] = {
+    "AutoContrast": lambda m, rng, inc: 0.0,
+    "Equalize": lambda m, rng, inc: 0.0,
+    "Invert": lambda m, rng, inc: 0.0,
+    "Rotate": lambda m, rng, inc: _signed(m / MAX_MAGNITUDE * 30, rng),
+    "Posterize": lambda m, rng, inc: _posterize_bits(m, inc),
+    "Solarize": lambda m, rng, inc: _solarize_threshold(m, inc),
+    "SolarizeAdd": lambda m, rng, inc: int(m / MAX_MAGNITUDE * 110),
+    "Color": _enhance_factor,
+    "Contrast": _enhance_factor,
+    "Brightness": _enhance_factor,
+    "Sharpness": _enhance_factor,
+    "ShearX": lambda m, rng, inc: _signed(m / MAX_MAGNITUDE * 0.3, rng),
+    "ShearY": lambda m, rng, inc: _signed(m / MAX_MAGNITUDE * 0.3, rng),
+    "TranslateXRel": lambda m, rng, inc: _signed(m / MAX_MAGNITUDE * 0.45, rng),  # up to 45% of the width
+    "TranslateYRel": lambda m, rng, inc: _signed(m / MAX_MAGNITUDE * 0.45, rng),
+}
+OP_NAMES: tuple[str, ...] = tuple(_RESOLVE)
+
+
+def resolve_op(name: str, *, magnitude: float, increasing: bool, rng: np.random.Generator) -> OpDraw:
+    if name not in _RESOLVE:
+        raise ValueError(f"unknown RandAugment op {name!r}; known: {', '.join(OP_NAMES)}")
+    return OpDraw(name, float(_RESOLVE[name](magnitude, rng, increasing)))
+
+
+def draw_plan(spec: RandAugmentSpec, *, rng: np.random.Generator) -> list[OpDraw]:
+    """A clip's ops: `spec.num_ops` drawn with replacement, each kept with probability 1/2 at a
+    magnitude from N(m, mstd) clipped to [0, 10]. Consumes `rng` exactly as applying them does."""
+    plan = []
+    for index in rng.integers(0, len(OP_NAMES), size=spec.num_ops):
+        if rng.random() > 0.5:  # the official op probability
+            continue
+        magnitude = rng.normal(spec.magnitude, spec.magnitude_std) if spec.magnitude_std > 0 else spec.magnitude
+        plan.append(resolve_op(OP_NAMES[index], magnitude=float(np.clip(magnitude, 0, MAX_MAGNITUDE)),
+                               increasing=spec.increasing, rng=rng))
+    return plan
+
+
+# ---------------------------------------------------------------------------------------------
+# The reference: each op computed by PIL on each frame, as the official loaders compute it.
 
 
 def _per_frame(clip: np.ndarray, op: Callable[[Image.Image], Image.Image]) -> np.ndarray:
@@ -72,92 +143,61 @@ def _affine(clip: np.ndarray, matrix: tuple[float, ...]) -> np.ndarray:
                                                     fillcolor=_FILL))
 
 
-def _enhance(enhancer: type, clip: np.ndarray, m: float, rng: np.random.Generator, increasing: bool) -> np.ndarray:
-    # increasing: 1 -/+ up to 0.9, further from "no change" as m grows; else 0.1 + 0.18 m (m=5: no change)
-    factor = 1.0 + _signed(m / MAX_MAGNITUDE * 0.9, rng) if increasing else m / MAX_MAGNITUDE * 1.8 + 0.1
-    return _per_frame(clip, lambda im: enhancer(im).enhance(factor))
+def _point(clip: np.ndarray, table: list[int]) -> np.ndarray:
+    return _per_frame(clip, lambda im: im.point(table * 3))  # the same table for each channel
 
 
-def _posterize(clip, m, rng, increasing):
-    bits = int(m / MAX_MAGNITUDE * 4)
-    bits = 4 - bits if increasing else bits  # bits kept: fewer is stronger
+def _posterize(clip: np.ndarray, bits: float) -> np.ndarray:
     # ImageOps.posterize's table, written out: current Pillow refuses bits=0 (black), which the
     # Pillow of the official runs accepted and which the policy reaches at the magnitude's ends.
-    mask = ~(2 ** (8 - bits) - 1)
-    table = [value & mask for value in range(256)] * 3  # one per channel
-    return _per_frame(clip, lambda im: im.point(table))
+    mask = ~(2 ** (8 - int(bits)) - 1)
+    return _point(clip, [value & mask for value in range(256)])
 
 
-def _solarize(clip, m, rng, increasing):
-    threshold = int(m / MAX_MAGNITUDE * 256)
-    threshold = 256 - threshold if increasing else threshold  # pixels at or above it are inverted
-    return _per_frame(clip, lambda im: ImageOps.solarize(im, threshold))
+def _solarize_add(clip: np.ndarray, add: float) -> np.ndarray:
+    return _point(clip, [min(255, value + int(add)) if value < 128 else value for value in range(256)])
 
 
-def _solarize_add(clip, m, rng, increasing):
-    add = int(m / MAX_MAGNITUDE * 110)
-    table = [min(255, value + add) if value < 128 else value for value in range(256)] * 3  # one per channel
-    return _per_frame(clip, lambda im: im.point(table))
-
-
-def _rotate(clip, m, rng, increasing):
-    degrees = _signed(m / MAX_MAGNITUDE * 30, rng)
-    return _per_frame(clip, lambda im: im.rotate(degrees, resample=_RESAMPLE, fillcolor=_FILL))
-
-
-def _shear_x(clip, m, rng, increasing):
-    return _affine(clip, (1, _signed(m / MAX_MAGNITUDE * 0.3, rng), 0, 0, 1, 0))
-
-
-def _shear_y(clip, m, rng, increasing):
-    return _affine(clip, (1, 0, 0, _signed(m / MAX_MAGNITUDE * 0.3, rng), 1, 0))
-
-
-def _translate_x(clip, m, rng, increasing):  # up to 45% of the width
-    return _affine(clip, (1, 0, _signed(m / MAX_MAGNITUDE * 0.45, rng) * clip.shape[2], 0, 1, 0))
-
-
-def _translate_y(clip, m, rng, increasing):
-    return _affine(clip, (1, 0, 0, 0, 1, _signed(m / MAX_MAGNITUDE * 0.45, rng) * clip.shape[1]))
-
-
-# The official op list, in its order (the `inc` variants where the name says so).
-OPS: dict[str, Callable[[np.ndarray, float, np.random.Generator, bool], np.ndarray]] = {
-    "AutoContrast": lambda clip, m, rng, inc: _per_frame(clip, ImageOps.autocontrast),
-    "Equalize": lambda clip, m, rng, inc: _per_frame(clip, ImageOps.equalize),
-    "Invert": lambda clip, m, rng, inc: _per_frame(clip, ImageOps.invert),
-    "Rotate": _rotate,
+_APPLY: dict[str, Callable[[np.ndarray, float], np.ndarray]] = {
+    "AutoContrast": lambda clip, v: _per_frame(clip, ImageOps.autocontrast),
+    "Equalize": lambda clip, v: _per_frame(clip, ImageOps.equalize),
+    "Invert": lambda clip, v: _per_frame(clip, ImageOps.invert),
+    "Rotate": lambda clip, v: _per_frame(clip, lambda im: im.rotate(v, resample=_RESAMPLE, fillcolor=_FILL)),
     "Posterize": _posterize,
-    "Solarize": _solarize,
+    "Solarize": lambda clip, v: _per_frame(clip, lambda im: ImageOps.solarize(im, int(v))),
     "SolarizeAdd": _solarize_add,
-    "Color": lambda clip, m, rng, inc: _enhance(ImageEnhance.Color, clip, m, rng, inc),
-    "Contrast": lambda clip, m, rng, inc: _enhance(ImageEnhance.Contrast, clip, m, rng, inc),
-    "Brightness": lambda clip, m, rng, inc: _enhance(ImageEnhance.Brightness, clip, m, rng, inc),
-    "Sharpness": lambda clip, m, rng, inc: _enhance(ImageEnhance.Sharpness, clip, m, rng, inc),
-    "ShearX": _shear_x,
-    "ShearY": _shear_y,
-    "TranslateXRel": _translate_x,
-    "TranslateYRel": _translate_y,
+    "Color": lambda clip, v: _per_frame(clip, lambda im: ImageEnhance.Color(im).enhance(v)),
+    "Contrast": lambda clip, v: _per_frame(clip, lambda im: ImageEnhance.Contrast(im).enhance(v)),
+    "Brightness": lambda clip, v: _per_frame(clip, lambda im: ImageEnhance.Brightness(im).enhance(v)),
+    "Sharpness": lambda clip, v: _per_frame(clip, lambda im: ImageEnhance.Sharpness(im).enhance(v)),
+    "ShearX": lambda clip, v: _affine(clip, (1, v, 0, 0, 1, 0)),
+    "ShearY": lambda clip, v: _affine(clip, (1, 0, 0, v, 1, 0)),
+    "TranslateXRel": lambda clip, v: _affine(clip, (1, 0, v * clip.shape[2], 0, 1, 0)),
+    "TranslateYRel": lambda clip, v: _affine(clip, (1, 0, 0, 0, 1, v * clip.shape[1])),
 }
-_NAMES = tuple(OPS)
+OPS = _APPLY  # the op names, in the official order
+
+
+def _check(clip: np.ndarray) -> None:
+    if clip.ndim != 4 or clip.shape[-1] != 3 or clip.dtype != np.uint8:
+        raise ValueError(f"clip must be uint8 (T, H, W, 3), got {clip.dtype} with shape {clip.shape}")
+
+
+def apply_plan(clip: np.ndarray, plan: list[OpDraw]) -> np.ndarray:
+    """The plan's ops in order, each the same on every frame, by PIL (the reference)."""
+    _check(clip)
+    for op in plan:
+        clip = _APPLY[op.name](clip, op.value)
+    return clip
 
 
 def apply_op(clip: np.ndarray, name: str, *, magnitude: float, increasing: bool,
              rng: np.random.Generator) -> np.ndarray:
     """One op at a fixed magnitude on every frame (signs of signed ops are drawn from `rng`)."""
-    if clip.ndim != 4 or clip.shape[-1] != 3 or clip.dtype != np.uint8:
-        raise ValueError(f"clip must be uint8 (T, H, W, 3), got {clip.dtype} with shape {clip.shape}")
-    if name not in OPS:
-        raise ValueError(f"unknown RandAugment op {name!r}; known: {', '.join(_NAMES)}")
-    return OPS[name](clip, magnitude, rng, increasing)
+    _check(clip)
+    return apply_plan(clip, [resolve_op(name, magnitude=magnitude, increasing=increasing, rng=rng)])
 
 
 def rand_augment(clip: np.ndarray, spec: RandAugmentSpec, *, rng: np.random.Generator) -> np.ndarray:
     """`spec.num_ops` ops drawn with replacement, each kept with probability 1/2, the same for every frame."""
-    for index in rng.integers(0, len(_NAMES), size=spec.num_ops):
-        if rng.random() > 0.5:  # the official op probability
-            continue
-        magnitude = rng.normal(spec.magnitude, spec.magnitude_std) if spec.magnitude_std > 0 else spec.magnitude
-        clip = apply_op(clip, _NAMES[index], magnitude=float(np.clip(magnitude, 0, MAX_MAGNITUDE)),
-                        increasing=spec.increasing, rng=rng)
-    return clip
+    return apply_plan(clip, draw_plan(spec, rng=rng))
