@@ -56,7 +56,12 @@ def _add_data(sub: argparse._SubParsersAction) -> argparse.ArgumentParser:
     p.add_argument("--rate", type=int_at_least(1), help="sampling rate in original frames (sets data.sampling_rate)")
     p.add_argument("--clips", type=int_at_least(1), default=128, help="clips per throughput measurement (default 128)")
     p.add_argument("--seek-clips", type=int, default=24, help="clips per seek-cost measurement; 0 skips it")
-    p.add_argument("--modes", default="loop,pool,ray", help="throughput modes, comma-separated (default all)")
+    p.add_argument("--modes", default="loop,pool,ray",
+                   help="comma-separated: loop, pool, ray (throughput), cost (CPU per training clip, augmentation "
+                        "in the decode task vs on the device; default loop,pool,ray)")
+    p.add_argument("--clips-per-s-per-gpu", type=float, default=172.0,
+                   help="the rate one GPU trains at, for cores per GPU in mode cost (default 172: UniFormer-S 16x224 "
+                        "on an H200, the gpu-check target)")
     p.add_argument("--work-dir", default="work/bench_data", help="local folder for the synthetic videos")
     p.add_argument("--seed", type=int, default=0)
     p.set_defaults(run=_run_data, flag_keys={"frames": "data.num_frames", "rate": "data.sampling_rate"})
@@ -67,16 +72,19 @@ def _run_data(args: argparse.Namespace, cfg: Config, parser: argparse.ArgumentPa
     from pipeline.bench.data import BenchVideos, run_data_bench
 
     modes = tuple(m.strip() for m in args.modes.split(",") if m.strip())
-    unknown = sorted(set(modes) - {"loop", "pool", "ray"})
+    unknown = sorted(set(modes) - {"loop", "pool", "ray", "cost"})
     if unknown or not modes:
-        parser.error(f"--modes {args.modes!r}: use a comma-separated subset of loop, pool, ray")
+        parser.error(f"--modes {args.modes!r}: use a comma-separated subset of loop, pool, ray, cost")
     if args.height % 2 or args.width % 2:
         parser.error(f"--height {args.height} and --width {args.width} must be even (H.264 in yuv420p)")
+    if not args.clips_per_s_per_gpu > 0:
+        parser.error(f"--clips-per-s-per-gpu {args.clips_per_s_per_gpu}: must be > 0")
     spec = BenchVideos(videos=args.videos, video_frames=args.video_frames, height=args.height, width=args.width,
                        seed=args.seed)
     return run_data_bench(data=cfg.data, storage=cfg.storage, spec=spec, workers=args.workers, clips=args.clips,
                           seek_clips=args.seek_clips, manifest_uri=args.manifest, split=args.split,
-                          work_dir=args.work_dir, modes=modes, progress=_progress())
+                          work_dir=args.work_dir, modes=modes, clips_per_s_per_gpu=args.clips_per_s_per_gpu,
+                          progress=_progress())
 
 
 # ---------------------------------------------------------------------------------------------

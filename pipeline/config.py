@@ -48,6 +48,9 @@ class DataConfig:
     hflip: bool = True
     # Official AUG.AA_TYPE, e.g. "rand-m7-n4-mstd0.5-inc1"; empty: off. Training clips only, before the crop.
     rand_augment: str = ""
+    # Where training clips are augmented (RandAugment, crop, flip): "device" ships whole decoded frames with
+    # the clip's draws and the trainer applies them on its GPU; "cpu" augments in the decode task.
+    augment_on: Literal["device", "cpu"] = "device"
     # Official AUG.RE_PROB: chance per training clip of one erased box; runs on the device (recipe.random_erase).
     random_erasing: float = 0.0
     mean: tuple[float, float, float] = (0.45, 0.45, 0.45)

@@ -8,6 +8,9 @@ per core and the ratio (c)/(b). On a shared machine wall-clock rates swing with 
 so every mode also reports the CPU seconds it consumed in all of its processes (this one, the
 pool's, and Ray's own: raylet, GCS, workers) and clips per CPU second, which is what a dedicated
 machine's throughput follows (W cores x clips per CPU second when they are kept busy).
+Mode `cost` measures what a GPU node pays per training clip (`measure_clip_cost`): the CPU
+milliseconds of the decode task with the augmentation there and with it on the training device, side
+by side, and the cores per GPU each needs at a given clips/s.
 It also measures what seeking costs: one seek-decoded
 `frames x rate` clip against decoding just the frames of its window, on the original videos
 (keyframe every 250 and every 16 frames) and on a prepared copy at 1/rate frame rate.
@@ -205,6 +208,49 @@ def measure_ray(rows: list[dict[str, Any]], data: DataConfig, storage: StorageCo
             "startup_s": startup}
 
 
+def measure_clip_cost(rows: list[dict[str, Any]], data: DataConfig, storage: StorageConfig, *,
+                      clips_per_s_per_gpu: float) -> dict[str, Any]:
+    """CPU milliseconds per training clip in the decode task, with the augmentation there
+    (`augment_on="cpu"`, the old path) and on the training device (`"device"`: decode and draws
+    only), the two measured row by row in turn in one process on one core; the cores per GPU each
+    needs at `clips_per_s_per_gpu`; the bytes of uint8 each ships per clip; and, for scale, the
+    device augmentation of the shipped frames on this machine's CPU (on a GPU it is GPU time)."""
+    import torch
+
+    from pipeline.training.ingest import TrainBatch, clips_on_device
+
+    paths = {"cpu": dataclasses.replace(data, augment_on="cpu"), "device": dataclasses.replace(data, augment_on="device")}
+    cpu_s = {name: 0.0 for name in paths}
+    shipped = {name: 0 for name in paths}
+    apply_s, clips = 0.0, 0
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    try:
+        for name, cfg in paths.items():  # warm-up: imports, first allocations
+            make_clip_rows(rows[0], data=cfg, storage=storage, training=True, seed=0)
+        for row in rows:
+            for name, cfg in paths.items():
+                start = time.process_time()
+                out = make_clip_rows(row, data=cfg, storage=storage, training=True, seed=0)
+                cpu_s[name] += time.process_time() - start
+                shipped[name] += sum(r["clip"].nbytes for r in out)
+            batch = TrainBatch(pin=False)({key: ([r[key] for r in out] if key == "clip" else np.stack([r[key] for r in out]))
+                                           for key in out[0]})
+            start = time.process_time()
+            clips_on_device(batch, data, torch.device("cpu"))
+            apply_s += time.process_time() - start
+            clips += len(out)
+    finally:
+        torch.set_num_threads(threads)
+    per_clip = {name: 1000 * cpu_s[name] / clips for name in paths}
+    return {"clips": clips, "clips_per_s_per_gpu": clips_per_s_per_gpu,
+            **{f"{name}_ms_per_clip": per_clip[name] for name in paths},
+            "device_over_cpu": per_clip["device"] / per_clip["cpu"],
+            **{f"{name}_cores_per_gpu": per_clip[name] * clips_per_s_per_gpu / 1000 for name in paths},
+            **{f"{name}_mb_per_clip": shipped[name] / clips / 1e6 for name in paths},
+            "device_augment_ms_per_clip_on_this_cpu": 1000 * apply_s / clips}
+
+
 # ---------------------------------------------------------------------------------------------
 # Seek cost: one clip against decoding just its window
 
@@ -276,7 +322,7 @@ def _ray_for(workers: int) -> bool:
 def run_data_bench(*, data: DataConfig, storage: StorageConfig = StorageConfig(), spec: BenchVideos = BenchVideos(),
                    workers: int = 2, clips: int = 128, seek_clips: int = 24, manifest_uri: str = "",
                    split: str = "train", work_dir: str = "work/bench_data",
-                   modes: tuple[str, ...] = ("loop", "pool", "ray"),
+                   modes: tuple[str, ...] = ("loop", "pool", "ray"), clips_per_s_per_gpu: float = 172.0,
                    progress: Callable[[str], None] | None = None) -> dict[str, Any]:
     """Run the data benchmark; returns the figures (see the module docstring)."""
     if workers < 1 or clips < 1:
@@ -322,6 +368,9 @@ def run_data_bench(*, data: DataConfig, storage: StorageConfig = StorageConfig()
                 import ray
 
                 ray.shutdown()
+    if "cost" in modes:
+        _note(progress, f"CPU per training clip, augmentation in the decode task vs on the device: {clips} clips")
+        result["clip_cost"] = measure_clip_cost(rows, data, storage, clips_per_s_per_gpu=clips_per_s_per_gpu)
     if "ray" in throughput and "pool" in throughput:
         throughput["ray_over_pool"] = throughput["ray"]["clips_per_s"] / throughput["pool"]["clips_per_s"]
         if throughput["ray"]["clips_per_cpu_s"] and throughput["pool"]["clips_per_cpu_s"]:

@@ -11,6 +11,13 @@ test_crops` views when evaluating. A video that cannot be fetched or decoded (or
 is not `ok` in the manifest) still yields its rows, with `valid=False` and zero clips, so that
 training counts and skips them and evaluation reports them; none is dropped or replaced.
 
+Training clips are augmented where `data.augment_on` says. On "device" (the default) a decode task
+draws each clip's augmentation (`transforms.draw_train_augment`) but ships the clip's whole uint8
+frames with the draws (`aug_ops`, `aug_values`, `crop`, `flip` columns), and the trainer applies
+them on its GPU (`transforms.train_augment_on_device`); frames of different videos may differ in
+size. On "cpu" the task applies them itself (`transforms.train_augment`, the reference). Either way a
+clip's pixels depend only on (seed, epoch, video).
+
 Columns out: `clip` uint8 (T, crop, crop, 3), `label` int64, `video_id` int64 (the table's
 `video_id` column if it has one, else the manifest's `index` column, the row's position in the
 whole manifest, else the row's position in the table given), `view` int64 (the
@@ -32,7 +39,8 @@ from pipeline.data import storage as store
 from pipeline.data.decode import DecodeError, VideoDecoder
 from pipeline.data.rand_augment import parse_rand_augment
 from pipeline.data.sampling import dense_indices, effective_sampling_rate, uniform_indices
-from pipeline.data.transforms import center_crop, three_crops, train_augment
+from pipeline.data.transforms import (TrainDraws, center_crop, draw_train_augment, encode_draws, three_crops,
+                                      train_augment)
 
 log = logging.getLogger(__name__)
 
@@ -57,9 +65,14 @@ def _indices(num_frames_in_video: int, data: DataConfig, frame_stride: int, *, r
                            num_clips=num_clips)
 
 
+def _num_ops(data: DataConfig) -> int:
+    return parse_rand_augment(data.rand_augment).num_ops if data.rand_augment else 0
+
+
 def _decode_views(video: VideoDecoder, row: dict[str, Any], data: DataConfig, *, training: bool, seed: int,
-                  epoch: int) -> list[np.ndarray]:
-    """The clips of one video, in view order."""
+                  epoch: int) -> list[np.ndarray] | list[dict[str, Any]]:
+    """The clips of one video, in view order (with `data.augment_on="device"`, training clips are dicts
+    of whole frames and their augmentation draws)."""
     stride = int(row.get("frame_stride") or 1)
     n = video.num_frames
     if training:
@@ -68,9 +81,13 @@ def _decode_views(video: VideoDecoder, row: dict[str, Any], data: DataConfig, *,
         windows = [_indices(n, data, stride, rng=rng) for _ in range(data.repeated_aug)]
         frames = video.decode(np.concatenate(windows))  # one pass over the union of the windows
         augment = parse_rand_augment(data.rand_augment) if data.rand_augment else None
-        return [train_augment(frames[r * data.num_frames:(r + 1) * data.num_frames], size=data.crop_size,
-                              scale=data.scale, ratio=data.ratio, flip=data.hflip, rng=rng, augment=augment)
-                for r in range(data.repeated_aug)]
+        clips = [frames[r * data.num_frames:(r + 1) * data.num_frames] for r in range(data.repeated_aug)]
+        if data.augment_on == "device":  # whole frames and their draws; the trainer applies them
+            return [{"clip": clip, **encode_draws(draw_train_augment(
+                clip.shape[1], clip.shape[2], scale=data.scale, ratio=data.ratio, flip=data.hflip, rng=rng,
+                augment=augment), _num_ops(data))} for clip in clips]
+        return [train_augment(clip, size=data.crop_size, scale=data.scale, ratio=data.ratio, flip=data.hflip,
+                              rng=rng, augment=augment) for clip in clips]
     windows = [_indices(n, data, stride, clip_index=c, num_clips=data.test_clips) for c in range(data.test_clips)]
     # The decoder scales to the evaluation short side while converting, cheaper than a resize after.
     frames = video.decode(np.concatenate(windows), size=data.short_side)
@@ -105,21 +122,20 @@ def make_clip_rows(row: dict[str, Any], *, data: DataConfig, storage: StorageCon
             reason = str(err)
         except Exception as err:  # noqa: BLE001 - whatever else a damaged file triggers, counted, never fatal
             reason = f"{type(err).__name__}: {err}"
+    device_draws = training and data.augment_on == "device"
     if clips is None:
         log.warning("unusable video %s (video_id %d): %s", row.get("path"), video_id, reason)
         zero = np.zeros(clip_shape(data), np.uint8)
-        return [{"clip": zero, "label": label, "video_id": video_id, "view": v, "valid": False} for v in range(count)]
-    return [{"clip": clip, "label": label, "video_id": video_id, "view": v, "valid": True}
-            for v, clip in enumerate(clips)]
+        blank = ({"clip": zero, **encode_draws(TrainDraws((), (0, 0, data.crop_size, data.crop_size), False),
+                                               _num_ops(data))} if device_draws else {"clip": zero})
+        return [{**blank, "label": label, "video_id": video_id, "view": v, "valid": False} for v in range(count)]
+    return [{**(clip if device_draws else {"clip": clip}), "label": label, "video_id": video_id, "view": v,
+             "valid": True} for v, clip in enumerate(clips)]
 
 
 def stack_rows(rows: list[dict[str, Any]]) -> dict[str, np.ndarray]:
-    """Rows -> a batch of fixed-shape numpy columns (what Ray Data and torch take)."""
-    return {"clip": np.stack([r["clip"] for r in rows]),
-            "label": np.asarray([r["label"] for r in rows], dtype=np.int64),
-            "video_id": np.asarray([r["video_id"] for r in rows], dtype=np.int64),
-            "view": np.asarray([r["view"] for r in rows], dtype=np.int64),
-            "valid": np.asarray([r["valid"] for r in rows], dtype=bool)}
+    """One video's rows -> a batch of numpy columns (what Ray Data and torch take)."""
+    return {key: np.stack([r[key] for r in rows]) for key in rows[0]}
 
 
 def select_rows(manifest: pa.Table, *, split: str | None, training: bool) -> pa.Table:

@@ -1,7 +1,8 @@
 """Spatial transforms of uint8 clips `(T, H, W, C)`, the same for every frame of a clip.
 
 Training: RandAugment if asked (`pipeline.data.rand_augment`), `random_resized_crop` (+ `hflip` at
-random). Evaluation: `short_side_resize`, then `center_crop` or `three_crops`. Clips stay uint8
+random), drawn by `draw_train_augment` and applied either here (`train_augment`, the CPU reference)
+or on the training device (`train_augment_on_device`). Evaluation: `short_side_resize`, then `center_crop` or `three_crops`. Clips stay uint8
 in the data pipeline (4x less to move than float32); `normalize_on_device` turns a batch into
 the model's float `(B, C, T, H, W)` on the training device.
 
@@ -11,14 +12,16 @@ shrinking, like PIL), measured 3-5x faster than the same resize in float32 on on
 
 from __future__ import annotations
 
+import functools
 import math
+from dataclasses import dataclass
 from typing import Sequence
 
 import numpy as np
 import torch
 import torch.nn.functional as F
 
-from pipeline.data.rand_augment import RandAugmentSpec, rand_augment
+from pipeline.data.rand_augment import OP_NAMES, OpDraw, RandAugmentSpec, apply_plan, draw_plan
 
 
 def _check_clip(clip: np.ndarray) -> None:
@@ -85,19 +88,70 @@ def hflip(clip: np.ndarray) -> np.ndarray:
     return torch.from_numpy(np.ascontiguousarray(clip)).flip(2).numpy()
 
 
+@dataclass(frozen=True)
+class TrainDraws:
+    """What a training clip's augmentation draws, in the order it draws them: the RandAugment plan,
+    the RandomResizedCrop box (top, left, height, width) and the flip. Plain numbers, so a decode task
+    can draw them and the training device apply them (`train_augment_on_device`)."""
+    plan: tuple[OpDraw, ...]
+    crop: tuple[int, int, int, int]
+    flip: bool
+
+
+def draw_train_augment(height: int, width: int, *, scale: Sequence[float], ratio: Sequence[float], flip: bool,
+                       rng: np.random.Generator, augment: RandAugmentSpec | None = None) -> TrainDraws:
+    """The draws of `train_augment` for frames of height x width, from `rng` (the same stream of draws
+    whichever side applies them)."""
+    plan = tuple(draw_plan(augment, rng=rng)) if augment is not None else ()
+    crop = random_resized_crop_params(height, width, scale=scale, ratio=ratio, rng=rng)
+    return TrainDraws(plan, crop, bool(flip and rng.random() < 0.5))
+
+
 def train_augment(clip: np.ndarray, *, size: int, scale: Sequence[float], ratio: Sequence[float], flip: bool,
                   rng: np.random.Generator, augment: RandAugmentSpec | None = None) -> np.ndarray:
-    """RandAugment (if `augment`), RandomResizedCrop, then a horizontal flip with probability 1/2 if `flip`.
+    """RandAugment (if `augment`), RandomResizedCrop, then a horizontal flip with probability 1/2 if `flip`:
+    the CPU reference of the training augmentation.
 
     RandAugment comes first, on the whole frames, as in the official loaders: its translations are
     fractions of the frame and its histogram ops see the whole frame.
     """
-    if augment is not None:
-        clip = rand_augment(clip, augment, rng=rng)
-    out = random_resized_crop(clip, size=size, scale=scale, ratio=ratio, rng=rng)
-    if flip and rng.random() < 0.5:
-        out = hflip(out)
-    return out
+    _check_clip(clip)
+    draws = draw_train_augment(clip.shape[1], clip.shape[2], scale=scale, ratio=ratio, flip=flip, rng=rng,
+                               augment=augment)
+    top, left, h, w = draws.crop
+    out = resize(apply_plan(clip, list(draws.plan))[:, top:top + h, left:left + w], size=size)
+    return hflip(out) if draws.flip else out
+
+
+def encode_draws(draws: TrainDraws, num_ops: int) -> dict[str, np.ndarray]:
+    """`draws` as fixed-shape columns (ops padded with -1 up to `num_ops`), to travel with the frames."""
+    ops = np.full(max(1, num_ops), -1, np.int16)
+    values = np.zeros(max(1, num_ops), np.float64)
+    for i, op in enumerate(draws.plan):
+        ops[i], values[i] = OP_NAMES.index(op.name), op.value
+    return {"aug_ops": ops, "aug_values": values, "crop": np.asarray(draws.crop, np.int64), "flip": draws.flip}
+
+
+def decode_draws(ops: Sequence[int], values: Sequence[float], crop: Sequence[int], flip: bool) -> TrainDraws:
+    plan = tuple(OpDraw(OP_NAMES[int(i)], float(v)) for i, v in zip(ops, values) if i >= 0)
+    return TrainDraws(plan, tuple(int(c) for c in crop), bool(flip))
+
+
+def train_augment_on_device(frames: torch.Tensor, draws: TrainDraws, *, size: int) -> torch.Tensor:
+    """`train_augment` of one clip's whole uint8 (T, H, W, 3) frames on their device (the training
+    GPU), with draws made elsewhere: RandAugment by `device_augment.apply_plan_torch`, then the crop,
+    a bilinear antialiased resize and the flip. Host-side draws, so no device sync."""
+    if draws.plan:
+        from pipeline.data.device_augment import apply_plan_torch
+
+        frames = apply_plan_torch(frames, draws.plan)
+    top, left, h, w = draws.crop
+    x = frames[:, top:top + h, left:left + w].permute(0, 3, 1, 2).float()
+    x = F.interpolate(x, size=(size, size), mode="bilinear", align_corners=False, antialias=True)
+    x = x.round_().clamp_(0, 255).to(torch.uint8)
+    if draws.flip:
+        x = x.flip(-1)
+    return x.permute(0, 2, 3, 1)  # (T, size, size, 3)
 
 
 def short_side_resize(clip: np.ndarray, *, size: int) -> np.ndarray:
@@ -144,9 +198,15 @@ def normalize_on_device(batch_uint8_BTHWC: torch.Tensor, mean: Sequence[float] =
     if batch_uint8_BTHWC.ndim != 5 or batch_uint8_BTHWC.dtype != torch.uint8:
         raise ValueError(f"expected a uint8 (B, T, H, W, C) batch, got {batch_uint8_BTHWC.dtype} "
                          f"{tuple(batch_uint8_BTHWC.shape)}")
-    device = batch_uint8_BTHWC.device
-    mean_t = torch.as_tensor(mean, dtype=dtype, device=device) * 255
-    inv_std = 1 / (torch.as_tensor(std, dtype=dtype, device=device) * 255)
+    mean_t, inv_std = _normalize_constants(tuple(mean), tuple(std), batch_uint8_BTHWC.device, dtype)
     x = batch_uint8_BTHWC.to(dtype)
     x = (x - mean_t) * inv_std  # broadcasts over the channel-last axis
     return x.permute(0, 4, 1, 2, 3).contiguous()  # (B, C, T, H, W)
+
+
+@functools.lru_cache(maxsize=8)
+def _normalize_constants(mean: tuple[float, ...], std: tuple[float, ...], device: torch.device,
+                         dtype: torch.dtype) -> tuple[torch.Tensor, torch.Tensor]:
+    # Made once per device: building them from Python numbers is a blocking host-to-device copy.
+    mean_t = torch.as_tensor(mean, dtype=dtype, device=device) * 255
+    return mean_t, 1 / (torch.as_tensor(std, dtype=dtype, device=device) * 255)

@@ -17,13 +17,17 @@ import dataclasses
 import json
 from typing import Any
 
+import numpy as np
 import pyarrow as pa
 import ray.train
+import torch
+from ray.data.collate_fn import NumpyBatchCollateFn
 
-from pipeline.config import Config, config_from_dict
+from pipeline.config import Config, DataConfig, config_from_dict
 from pipeline.data.clips import training_stream, view_dataset
 from pipeline.data.manifest import read_manifest
 from pipeline.data.storage import ray_storage
+from pipeline.data.transforms import decode_draws, train_augment_on_device
 
 TRAIN, VAL = "train", "val"
 PROGRESS_FILE = "progress.json"  # beside checkpoint.pt: the epoch a factory resumes from, without loading weights
@@ -112,3 +116,35 @@ class ClipDataConfig(ray.train.DataConfig):
             for rank, split in enumerate(splits):
                 shards[rank][name] = split
         return shards
+
+
+class TrainBatch(NumpyBatchCollateFn):
+    """A training batch as torch tensors on the host, pinned when `pin` (so the copies to the GPU can
+    overlap compute). Clips shipped as whole frames for the device augmentation may differ in size
+    between videos, so they stay a list of per-clip tensors."""
+
+    def __init__(self, pin: bool):
+        super().__init__()
+        self.pin = pin
+
+    def _host(self, array: np.ndarray) -> torch.Tensor:
+        tensor = torch.from_numpy(np.ascontiguousarray(array))
+        return tensor.pin_memory() if self.pin else tensor
+
+    def __call__(self, batch: dict[str, np.ndarray]) -> dict:
+        out = {key: self._host(value) for key, value in batch.items() if key != "clip"}
+        out["clip"] = [self._host(clip) for clip in batch["clip"]] if "crop" in batch else self._host(batch["clip"])
+        return out
+
+
+def clips_on_device(batch: dict, data: DataConfig, device: torch.device) -> torch.Tensor:
+    """The batch's uint8 (B, T, crop, crop, 3) training clips on `device`: copied as they are, or, when
+    they came as whole frames with their draws, augmented there (`train_augment_on_device`)."""
+    if "crop" not in batch:
+        return batch["clip"].to(device, non_blocking=True)
+    return torch.stack([
+        train_augment_on_device(frames.to(device, non_blocking=True),
+                                decode_draws(ops.tolist(), values.tolist(), crop.tolist(), bool(flip)),
+                                size=data.crop_size)
+        for frames, ops, values, crop, flip in zip(batch["clip"], batch["aug_ops"], batch["aug_values"],
+                                                   batch["crop"], batch["flip"])])

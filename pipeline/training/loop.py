@@ -36,7 +36,8 @@ from pipeline.data.transforms import normalize_on_device
 from pipeline.tracking.metrics import MetricQueue, system_metrics
 from pipeline.tracking.runs import client_for
 from pipeline.training import recipe
-from pipeline.training.ingest import PROGRESS_FILE, TRAIN, VAL, steps_per_epoch, usable_rows
+from pipeline.training.ingest import (PROGRESS_FILE, TRAIN, VAL, TrainBatch, clips_on_device, steps_per_epoch,
+                                      usable_rows)
 
 CHECKPOINT_FILE = "checkpoint.pt"
 # Ray Train routes workers' logging to the driver; its patched print() would show each line twice.
@@ -232,7 +233,7 @@ def train_loop_per_worker(loop_config: dict) -> None:
     else:
         # One iterator over every remaining epoch; each epoch takes its steps' batches from it.
         batches = stream_from(iter(ray.train.get_dataset_shard(TRAIN).iter_torch_batches(
-            batch_size=micro_batch, drop_last=True, prefetch_batches=2, device="cpu", pin_memory=pin)), start_epoch)
+            batch_size=micro_batch, drop_last=True, prefetch_batches=2, collate_fn=TrainBatch(pin))), start_epoch)
         val_views = ray.train.get_dataset_shard(VAL) if cfg.data.val_split in manifest["split"].to_pylist() else None
     with system_metrics(cfg, run_id):
         for epoch in range(start_epoch, cfg.optim.epochs):
@@ -256,8 +257,8 @@ def train_loop_per_worker(loop_config: dict) -> None:
                     interval_wait_s += time.perf_counter() - t_wait
                     valid_host = batch["valid"]
                     valid = valid_host.to(device, non_blocking=True)
-                    clips = normalize_on_device(batch["clip"].to(device, non_blocking=True),
-                                                cfg.data.mean, cfg.data.std)
+                    clips = normalize_on_device(clips_on_device(batch, cfg.data, device), cfg.data.mean,
+                                                cfg.data.std)
                     clips = recipe.random_erase(clips, prob=cfg.data.random_erasing, rng=erase_rng)
                     labels = batch["label"].to(device, non_blocking=True)
                     clips, targets = recipe.mix_batch(

@@ -11,8 +11,10 @@ from pipeline.data.clips import epoch_order, make_clip_rows, select_rows, traini
 from pipeline.data.manifest import to_table
 from pipeline.data.synth import synth_dataset
 
+# The CPU reference path (augmentation in the decode task); the device path is checked against it below.
 DATA = DataConfig(num_frames=4, sampling_rate=2, crop_size=32, short_side=32, repeated_aug=2, test_clips=2,
-                  test_crops=3, scale=(0.3, 1.0))
+                  test_crops=3, scale=(0.3, 1.0), augment_on="cpu")
+ON_DEVICE = dataclasses.replace(DATA, augment_on="device")
 STORAGE = StorageConfig()
 
 
@@ -65,6 +67,37 @@ def test_make_clip_rows_rand_augment_is_training_only_and_seeded(manifest):
     for a, b in zip(make_clip_rows(_row(manifest, val_id), data=augmented, storage=STORAGE, training=False, seed=0),
                     make_clip_rows(_row(manifest, val_id), data=DATA, storage=STORAGE, training=False, seed=0)):
         np.testing.assert_array_equal(a["clip"], b["clip"])
+
+
+def _batch(rows):
+    return {key: [r[key] for r in rows] if key == "clip" else np.stack([r[key] for r in rows]) for key in rows[0]}
+
+
+@pytest.mark.parametrize("rand_augment", ["", "rand-m9-n4-mstd0.5-inc1"])
+def test_device_rows_ship_whole_frames_and_draws_that_give_the_cpu_clips(manifest, rand_augment):
+    import torch
+
+    from pipeline.training.ingest import TrainBatch, clips_on_device
+
+    cpu, device = (dataclasses.replace(d, rand_augment=rand_augment, hflip=True) for d in (DATA, ON_DEVICE))
+    for video in (0, 1, 2):
+        reference = make_clip_rows(_row(manifest, video), data=cpu, storage=STORAGE, training=True, seed=3, epoch=1)
+        shipped = make_clip_rows(_row(manifest, video), data=device, storage=STORAGE, training=True, seed=3, epoch=1)
+        assert all(r["clip"].shape == (4, 48, 48, 3) for r in shipped)  # whole frames, not crops
+        assert [r["valid"] for r in shipped] == [True, True] and shipped[0]["aug_ops"].shape == (4 if rand_augment else 1,)
+        clips = clips_on_device(TrainBatch(pin=False)(_batch(shipped)), device, torch.device("cpu"))
+        assert clips.dtype == torch.uint8 and clips.shape == (2, 4, 32, 32, 3)
+        difference = np.abs(clips.numpy().astype(int) - np.stack([r["clip"] for r in reference]).astype(int))
+        # The same draws: bilinear resizes in float vs uint8 differ by rounding; RandAugment's bicubic
+        # geometric ops by kernel (see device_augment's tolerances).
+        assert difference.max() <= (255 if rand_augment else 1) and difference.mean() < (4 if rand_augment else 0.5)
+
+
+def test_device_rows_of_a_bad_video_are_invalid_and_shaped_like_crops(manifest):
+    corrupt = manifest["path"].to_pylist().index(next(p for p in manifest["path"].to_pylist() if "corrupt" in p))
+    rows = make_clip_rows(_row(manifest, corrupt), data=ON_DEVICE, storage=STORAGE, training=True, seed=0)
+    assert not any(r["valid"] for r in rows) and all(r["clip"].shape == (4, 32, 32, 3) for r in rows)
+    assert all(tuple(r["crop"]) == (0, 0, 32, 32) and (r["aug_ops"] == -1).all() for r in rows)
 
 
 def test_make_clip_rows_evaluation_views(manifest):
@@ -153,6 +186,21 @@ def test_training_stream_batches_convert_to_torch(manifest, ray_local):
     assert batches[0]["label"].dtype == torch.int64 and batches[0]["video_id"].dtype == torch.int64
     assert valid.dtype == torch.bool
     assert int((~valid).sum()) == 2  # the corrupt video: counted, not dropped
+    assert not clips[~valid].any()
+
+
+def test_device_stream_batches_collate_to_clips_on_the_device(manifest, ray_local):
+    import torch
+
+    from pipeline.training.ingest import TrainBatch, clips_on_device
+
+    ds = training_stream(manifest, split="train", data=ON_DEVICE, storage=STORAGE, seed=0, epochs=range(1),
+                         videos_per_epoch=7)
+    batches = list(ds.iter_torch_batches(batch_size=4, collate_fn=TrainBatch(pin=False)))
+    assert all(isinstance(b["clip"], list) and b["flip"].dtype == torch.bool for b in batches)
+    clips = torch.cat([clips_on_device(b, ON_DEVICE, torch.device("cpu")) for b in batches])
+    valid = torch.cat([b["valid"] for b in batches])
+    assert clips.shape == (7 * 2, 4, 32, 32, 3) and int((~valid).sum()) == 2
     assert not clips[~valid].any()
 
 
