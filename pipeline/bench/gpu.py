@@ -8,6 +8,9 @@ minutes, printed as one table of targets beside the figures.
 2. The benchmarks, each beside the reference formulation in the same run (DESIGN.md §7 targets,
    measured on one H200): UniFormer-S/B 16x224 bf16 training at batch 16 and inference at batch 32,
    and one depthwise 5x5x5 conv forward + backward against F.conv3d.
+3. The whole training step of the K400 S16x4 and B16x4 recipes as the loop runs it, device
+   augmentation to EMA, at their per-GPU micro-batch (`pipeline.bench.step`), under
+   `torch.cuda.set_sync_debug_mode("error")`, with the augmentation's share of the step.
 
 Without CUDA it prints one line saying so and succeeds: nothing here can be measured on a CPU.
 """
@@ -40,6 +43,8 @@ class Target:
         return (self.at_least is None or value >= self.at_least) and (self.at_most is None or value <= self.at_most)
 
     def wanted(self) -> str:
+        if self.at_least is None and self.at_most is None:
+            return "measured"  # a figure to record, no target
         return f">= {self.at_least:g}" if self.at_least is not None else f"<= {self.at_most:g}"
 
 
@@ -65,6 +70,25 @@ BENCHES: list[tuple[str, argparse.Namespace, list[Target]]] = [
                                   device="cuda", sweep=False), [
         Target("dwconv 5x5x5 fwd+bwd, x F.conv3d", "speedup_fwd_bwd_tokens", at_least=10)]),
 ]
+# The recipes' whole step at their per-GPU micro-batch (S16x4: 64 clips over 8 GPUs, B16x4: 80).
+for _recipe, _name in (("k400_uniformer_s16x4.yaml", "S16x4"), ("k400_uniformer_b16x4.yaml", "B16x4")):
+    BENCHES.append(("step", argparse.Namespace(config=str(PROJECT_ROOT / "infra" / "configs" / _recipe), steps=10,
+                                               warmup=3), [
+        Target(f"{_name} whole train step, clips/s", "clips_per_s"),
+        Target(f"{_name} whole train step, augmentation share", "augment_share", at_most=0.10)]))
+
+
+def run_step_bench(args: argparse.Namespace, progress: Callable[[str], None]) -> dict[str, Any]:
+    import torch
+
+    from pipeline.bench.step import measure_train_step
+    from pipeline.config import load_config
+
+    cfg = load_config(args.config, ["model.require_init=false"])
+    micro_batch = cfg.train.batch_size // (cfg.train.num_workers * cfg.optim.grad_accum_steps)
+    progress(f"whole training step of {Path(args.config).name}, micro-batch {micro_batch}")
+    return measure_train_step(cfg, device=torch.device("cuda"), micro_batch=micro_batch, steps=args.steps,
+                              warmup=args.warmup)
 
 
 def _dig(summary: dict[str, Any], key: str) -> Any:
@@ -98,7 +122,7 @@ def run_benches(progress: Callable[[str], None]) -> tuple[list[dict[str, Any]], 
 
     rows, summaries = [], []
     for bench, args, targets in BENCHES:
-        run = run_model_bench if bench == "model" else run_dwconv_bench
+        run = {"model": run_model_bench, "dwconv": run_dwconv_bench, "step": run_step_bench}[bench]
         try:
             summary = run(args, progress=progress)
         except Exception as err:  # noqa: BLE001 - one failed bench must not hide the others' figures

@@ -194,6 +194,41 @@ def worst_score(metric: str) -> float:
     return sys.float_info.max if checkpoint_order(metric) == "min" else -sys.float_info.max
 
 
+def forward_backward(ts: TrainingState, batch: dict, cfg: Config, device: torch.device, *, world: int,
+                     mix_rng: np.random.Generator, erase_rng: np.random.Generator, sync: bool) -> torch.Tensor:
+    """One micro-batch of the recipe on the device: augmentation (when the clips came as whole frames),
+    normalisation, random erasing, mixup/cutmix, forward and backward (gradients all-reduced when
+    `sync`). Returns [loss, unusable clips, 1] on the device, for running sums read once per interval."""
+    valid_host = batch["valid"]
+    valid = valid_host.to(device, non_blocking=True)
+    clips = normalize_on_device(clips_on_device(batch, cfg.data, device), cfg.data.mean, cfg.data.std)
+    clips = recipe.random_erase(clips, prob=cfg.data.random_erasing, rng=erase_rng)
+    labels = batch["label"].to(device, non_blocking=True)
+    clips, targets = recipe.mix_batch(
+        clips, labels, num_classes=cfg.model.num_classes, mixup_alpha=cfg.optim.mixup_alpha,
+        cutmix_alpha=cfg.optim.cutmix_alpha, prob=cfg.optim.mixup_prob,
+        smoothing=cfg.optim.label_smoothing, rng=mix_rng, valid=valid_host)
+    # Every rank must run forward/backward for DDP, so unusable clips get zero weight.
+    with (contextlib.nullcontext() if sync or world == 1 else ts.model.no_sync()), autocast(cfg, device):
+        logits = ts.model(clips)
+        per_clip = torch.sum(-targets * F.log_softmax(logits.float(), dim=-1), dim=-1)
+        loss = (per_clip * valid).sum() / valid.sum().clamp(min=1)
+        ts.scaler.scale(loss / cfg.optim.grad_accum_steps).backward()
+    return torch.stack([loss.detach().double(), (~valid).sum().double(), loss.new_ones((), dtype=torch.float64)])
+
+
+def optimizer_step(ts: TrainingState, cfg: Config) -> None:
+    """Gradient clipping, the optimizer step (through the fp16 scaler), zeroing, the EMA update."""
+    if cfg.optim.clip_grad_norm:
+        ts.scaler.unscale_(ts.optimizer)
+        torch.nn.utils.clip_grad_norm_(ts.model.parameters(), cfg.optim.clip_grad_norm)
+    ts.scaler.step(ts.optimizer)
+    ts.scaler.update()
+    ts.optimizer.zero_grad(set_to_none=True)
+    if ts.ema is not None:
+        ts.ema.update(ts.net)
+
+
 def train_loop_per_worker(loop_config: dict) -> None:
     cfg = config_from_dict(loop_config["config"])
     # Per-worker Ray Data bars interleave into noise; rank 0 prints one line per epoch instead.
@@ -211,7 +246,7 @@ def train_loop_per_worker(loop_config: dict) -> None:
     if state is not None:
         check_resumable(state, identity)
     ts = build_training_state(cfg, device, ray.train.torch.prepare_model, state)
-    model, net, optimizer, scaler, ema = ts.model, ts.net, ts.optimizer, ts.scaler, ts.ema
+    model, net, optimizer, ema = ts.model, ts.net, ts.optimizer, ts.ema
     micro_batch = cfg.train.batch_size // (world * cfg.optim.grad_accum_steps)
     base_lr = cfg.base_lr()
     epoch_steps = steps_per_epoch(cfg, num_train_videos)
@@ -255,33 +290,10 @@ def train_loop_per_worker(loop_config: dict) -> None:
                     t_wait = time.perf_counter()
                     batch = next(batches)
                     interval_wait_s += time.perf_counter() - t_wait
-                    valid_host = batch["valid"]
-                    valid = valid_host.to(device, non_blocking=True)
-                    clips = normalize_on_device(clips_on_device(batch, cfg.data, device), cfg.data.mean,
-                                                cfg.data.std)
-                    clips = recipe.random_erase(clips, prob=cfg.data.random_erasing, rng=erase_rng)
-                    labels = batch["label"].to(device, non_blocking=True)
-                    clips, targets = recipe.mix_batch(
-                        clips, labels, num_classes=cfg.model.num_classes, mixup_alpha=cfg.optim.mixup_alpha,
-                        cutmix_alpha=cfg.optim.cutmix_alpha, prob=cfg.optim.mixup_prob,
-                        smoothing=cfg.optim.label_smoothing, rng=mix_rng, valid=valid_host)
-                    # Every rank must run forward/backward for DDP, so unusable clips get zero weight.
-                    sync = micro == cfg.optim.grad_accum_steps - 1
-                    with (contextlib.nullcontext() if sync or world == 1 else model.no_sync()), autocast(cfg, device):
-                        logits = model(clips)
-                        per_clip = torch.sum(-targets * F.log_softmax(logits.float(), dim=-1), dim=-1)
-                        loss = (per_clip * valid).sum() / valid.sum().clamp(min=1)
-                        scaler.scale(loss / cfg.optim.grad_accum_steps).backward()
-                    sums += torch.stack([loss.detach().double(), (~valid).sum().double(), sums.new_ones(())])
-                    interval_clips += labels.numel() * world
-                if cfg.optim.clip_grad_norm:
-                    scaler.unscale_(optimizer)
-                    torch.nn.utils.clip_grad_norm_(model.parameters(), cfg.optim.clip_grad_norm)
-                scaler.step(optimizer)
-                scaler.update()
-                optimizer.zero_grad(set_to_none=True)
-                if ema is not None:
-                    ema.update(net)
+                    sums += forward_backward(ts, batch, cfg, device, world=world, mix_rng=mix_rng, erase_rng=erase_rng,
+                                             sync=micro == cfg.optim.grad_accum_steps - 1)
+                    interval_clips += len(batch["label"]) * world
+                optimizer_step(ts, cfg)
                 step += 1
                 if step % cfg.tracking.log_every_steps == 0 or epoch_step == epoch_steps - 1:
                     loss_sum, skipped, micro_steps = sums.tolist()  # the one device sync of the interval
@@ -317,7 +329,7 @@ def train_loop_per_worker(loop_config: dict) -> None:
                 if is_rank0 and (epoch % cfg.train.checkpoint_every_epochs == 0 or epoch == cfg.optim.epochs):
                     checkpoint = save_checkpoint(Path(tmp), {
                         "model_state": net.state_dict(), "optimizer": optimizer.state_dict(),
-                        "scaler": scaler.state_dict(), "ema_state": ema.module.state_dict() if ema else None,
+                        "scaler": ts.scaler.state_dict(), "ema_state": ema.module.state_dict() if ema else None,
                         "ema_updates": ema.updates if ema else 0,
                         "epoch": epoch, "step": step, "last_val": last_val, "mlflow_run_id": run_id,
                         "config": cfg.to_dict(), "identity": identity, "identity_digest": identity_digest(identity)})

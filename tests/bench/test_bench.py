@@ -30,6 +30,38 @@ def test_bench_data_tiny_run(tmp_path, capsys, ray_local):
                                                    "--seek-clips", "0"])["throughput"].keys() == {"loop"}
 
 
+def test_bench_data_clip_cost_compares_the_two_augmentation_paths(tmp_path, capsys):
+    summary = bench.main([*TINY, "data.rand_augment=rand-m7-n4-mstd0.5-inc1", "--work-dir", str(tmp_path),
+                          "--modes", "cost", "--seek-clips", "0", "--clips-per-s-per-gpu", "100"])
+    cost = summary["clip_cost"]
+    assert cost["clips"] == 4  # one per row: repeated_aug is 1 in the default config
+    assert cost["cpu_ms_per_clip"] > 0 and cost["device_ms_per_clip"] > 0
+    assert cost["device_over_cpu"] == pytest.approx(cost["device_ms_per_clip"] / cost["cpu_ms_per_clip"])
+    assert cost["cpu_cores_per_gpu"] == pytest.approx(cost["cpu_ms_per_clip"] * 100 / 1000)
+    # The device path ships whole 48x64 frames; the CPU path 32x32 crops.
+    assert cost["device_mb_per_clip"] == pytest.approx(4 * 48 * 64 * 3 / 1e6)
+    assert cost["cpu_mb_per_clip"] == pytest.approx(4 * 32 * 32 * 3 / 1e6)
+    assert cost["device_augment_ms_per_clip_on_this_cpu"] > 0
+    with pytest.raises(SystemExit):
+        bench.main([*TINY, "--work-dir", str(tmp_path), "--modes", "cost", "--clips-per-s-per-gpu", "0"])
+
+
+def test_whole_train_step_runs_the_loops_step_on_the_cpu():
+    import torch
+
+    from pipeline.bench.step import measure_train_step
+    from pipeline.config import load_config
+
+    cfg = load_config(bench.DEMO_CONFIG, ["data.num_frames=4", "data.rand_augment=rand-m7-n4-mstd0.5-inc1",
+                                          "data.random_erasing=0.25", "optim.mixup_alpha=0.8", "optim.cutmix_alpha=1.0",
+                                          "optim.ema_decay=0.99", "optim.clip_grad_norm=20"])
+    figures = measure_train_step(cfg, device=torch.device("cpu"), micro_batch=2, steps=2, warmup=1,
+                                 frame_size=(72, 96))
+    assert figures["clips_per_s"] > 0 and figures["ema"] and figures["frames"] == "72x96"
+    assert 0 < figures["augment_ms"] and 0 < figures["augment_share"] < 1
+    assert figures["step_ms"] == pytest.approx(1000 * 2 / figures["clips_per_s"])
+
+
 def test_bench_train_stream_against_memory(tmp_path, capsys, ray_local):
     summary = bench.main(["train", "--videos-per-class", "4", "--steps", "2", "--work-dir", str(tmp_path),
                           "train.batch_size=8"])
