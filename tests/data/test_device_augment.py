@@ -17,8 +17,8 @@ OFFICIAL = parse_rand_augment("rand-m7-n4-mstd0.5-inc1")
 GEOMETRIC = ("Rotate", "ShearX", "ShearY", "TranslateXRel", "TranslateYRel")
 
 # Geometric ops on `textured` clips (blocks of random colour with noise: harsher than video frames),
-# torch's bicubic a = -0.75 against PIL's a = -1. Measured: mean |diff| 0.6-1.6 levels, 99th
-# percentile 4-8, bias (mean signed diff) within 0.03.
+# torch's bicubic a = -0.75 against PIL's a = -1. Measured over GEOMETRIC_CASES: mean |diff| 0.05-1.75
+# levels, 99th percentile at most 8, bias (mean signed diff) within 0.043.
 GEO_MEAN_ABS = 2.0
 GEO_P99 = 10
 GEO_BIAS = 0.15
@@ -195,9 +195,10 @@ def test_odd_sizes_every_op(size):
 
 
 def test_statistics_over_many_official_plans():
-    # Thousands of 1 x 16 x 16 clips: the augmented pixels' mean and std agree within 0.3 levels overall
-    # (measured: under 0.05), and per op (over the clips whose plan has it) within 1 level (measured:
-    # under 0.2), as does how often such a plan changes its clip (within 1 point; measured: 0).
+    # Thousands of 1 x 16 x 16 clips. Measured over two seeds: overall mean within 0.03 levels, std
+    # 0.15-0.16 lower in torch (a = -0.75 overshoots edges less than PIL's a = -1); per op, over the
+    # clips whose plan has it, mean within 0.21 and std within 0.65; how often such a plan changes its
+    # clip: identical.
     rng = np.random.default_rng(7)
     refs, gots, changed_ref, changed_got, plans = [], [], [], [], []
     for _ in range(3000):
@@ -210,11 +211,11 @@ def test_statistics_over_many_official_plans():
         changed_got.append(not np.array_equal(got, clip))
         plans.append({op.name for op in plan})
     refs, gots = np.stack(refs).astype(float), np.stack(gots).astype(float)
-    assert abs(refs.mean() - gots.mean()) < 0.3 and abs(refs.std() - gots.std()) < 0.3
+    assert abs(refs.mean() - gots.mean()) < 0.1 and abs(refs.std() - gots.std()) < 0.3
     for name in OPS:
         has = np.array([name in names for names in plans])
         assert has.sum() > 300, name  # the policy draws every op often
-        assert abs(refs[has].mean() - gots[has].mean()) < 1, name
+        assert abs(refs[has].mean() - gots[has].mean()) < 0.5, name
         assert abs(refs[has].std() - gots[has].std()) < 1, name
         assert abs(np.mean(np.array(changed_ref)[has]) - np.mean(np.array(changed_got)[has])) < 0.01, name
 
