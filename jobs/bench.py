@@ -2,14 +2,15 @@
 
     uniformer bench data --videos 8 --workers 2 --frames 16 --rate 4 --clips 128
     uniformer bench train          # the demo config on its synthetic set; --config/--manifest for others
-    uniformer bench ingest --workers 2,4   # old per-worker datasets against the one stream, simulated cluster
+    uniformer bench ingest --workers 2,4   # decode nodes only against trainers' nodes first, simulated cluster
 
 `data`: clips/s of the data path (plain loop, process pool, Ray Data) and the cost of a
 seek-decoded clip against its window (`pipeline.bench.data`). `train`: the training loop on Ray
 Train fed by the clip stream against the same loop fed from memory: the data-stall fraction
-(`pipeline.bench.train`). `ingest`: the old per-worker datasets against the one training
-stream on a simulated multi-node cluster: clips/s, data wait, decode tasks per epoch, peak object
-store, decode CPU on the decode node (`pipeline.bench.ingest`). `model`: clips/s, step time, peak
+(`pipeline.bench.train`). `ingest`: the training stream decoded on the decode nodes only against
+the trainers' nodes first, on a simulated multi-node cluster: clips/s, data wait, decode tasks per
+epoch, peak object store, decode CPU on the decode node, clip bytes crossing between nodes
+(`pipeline.bench.ingest`). `model`: clips/s, step time, peak
 memory and MFU of the network, optionally beside the plain reference formulation; `dwconv`: one
 depthwise 3D convolution, PyTorch against the Triton op (`pipeline.bench.model`). `gpu`: every
 GPU-only test and benchmark against its target (`pipeline.bench.gpu`; `make gpu-check`). Each
@@ -133,9 +134,10 @@ def _run_train(args: argparse.Namespace, cfg: Config, parser: argparse.ArgumentP
 
 
 def _add_ingest(sub: argparse._SubParsersAction) -> argparse.ArgumentParser:
-    p = sub.add_parser("ingest", help="the training data stream on a simulated multi-node cluster, old against new",
-                       description="Per-worker datasets against one stream split by Ray Train, on a simulated "
-                       "cluster of GPU nodes and a CPU-only decode node (pipeline.bench.ingest). "
+    p = sub.add_parser("ingest", help="where the training stream decodes, on a simulated multi-node cluster",
+                       description="The training stream decoded on the decode nodes only against the trainers' "
+                       "nodes first (data.decode_placement), on a simulated cluster of GPU nodes and a CPU-only "
+                       "decode node (pipeline.bench.ingest). "
                        f"The config defaults to {DEMO_CONFIG.relative_to(DEMO_CONFIG.parents[2])}.")
     _add_dataset_args(p)
     p.add_argument("--workers", default="2,4", help="numbers of trainers, comma-separated (default 2,4)")

@@ -60,9 +60,12 @@ class DataConfig:
     test_crops: Literal[1, 3] = 1
     decode_cpus: float = 1.0  # CPUs reserved by each decode task
     decode_concurrency: int = 0  # 0 lets Ray Data choose
-    # Ray node label (key=value) of CPU-only decode nodes: decode runs only there when the cluster has
-    # any (infra/cluster/aws.yaml, infra/k8s set it); empty: anywhere.
+    # Ray node label (key=value) of CPU-only decode nodes (infra/cluster/aws.yaml, infra/k8s set it); empty:
+    # the cluster has none. With decode_placement "trainers_first" decode tasks run on the other nodes (the
+    # trainers' GPU nodes, whose clips then stay in local memory) while they have free CPUs, and the decode
+    # nodes take the rest; "decode_nodes_only" keeps decoding off the GPU nodes when the cluster has decode nodes.
     decode_nodes: str = "uniformer.io/node-role=decode"
+    decode_placement: Literal["trainers_first", "decode_nodes_only"] = "trainers_first"
     # Object store bytes (GB) the training's data stream may hold; 0: Ray Data's default share.
     object_store_budget_gb: float = 0.0
     # Inference (evaluate, predict): the network runs in a Ray Data actor pool, one actor per GPU of the
@@ -371,7 +374,7 @@ def validate(cfg: Config) -> Config:
 # would make the run's params and checkpoints describe a training that did not happen.
 RESUMABLE_KEYS = frozenset({"optim.epochs", "train.val_every_epochs", "train.checkpoint_every_epochs",
                             "train.max_failures", "train.keep_checkpoints", "train.cpus_per_worker",
-                            "data.decode_cpus", "data.decode_concurrency", "data.decode_nodes",
+                            "data.decode_cpus", "data.decode_concurrency", "data.decode_nodes", "data.decode_placement",
                             "data.object_store_budget_gb", "data.inference_cpu_actors",
                             "data.inference_actor_cpus", "data.inference_batch_size",
                             "tracking.system_metrics", "tracking.log_every_steps"})

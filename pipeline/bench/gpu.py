@@ -4,7 +4,8 @@ minutes, printed as one table of targets beside the figures.
 1. The GPU tests in `tests/gpu/gpu_*.py` (files `make test` does not collect): Ray Train on one GPU
    with fused AdamW, bf16 and EMA surviving a SIGKILLed worker, fp16 with the grad scaler, the
    Triton depthwise conv against F.conv3d at the S and B shapes, BatchNorm folding, and a compiled
-   (fullgraph) train step.
+   (fullgraph) train step; and `tests/data/test_device_augment.py` on CUDA (the device RandAugment
+   against PIL, no host sync).
 2. The benchmarks, each beside the reference formulation in the same run (DESIGN.md §7 targets,
    measured on one H200): UniFormer-S/B 16x224 bf16 training at batch 16 and inference at batch 32,
    and one depthwise 5x5x5 conv forward + backward against F.conv3d.
@@ -102,8 +103,11 @@ def run_gpu_tests(progress: Callable[[str], None]) -> list[dict[str, Any]]:
     with tempfile.TemporaryDirectory() as tmp:
         report = Path(tmp) / "gpu.xml"
         progress("GPU tests: pytest tests/gpu")
+        # Beside tests/gpu, the device augmentation's equivalence tests, which run on CUDA when there is
+        # one, with host syncs made errors.
         subprocess.run([sys.executable, "-m", "pytest", "-q", "-o", "python_files=gpu_*.py", "-p", "no:cacheprovider",
-                        f"--junitxml={report}", "tests/gpu"], cwd=PROJECT_ROOT, check=False)
+                        f"--junitxml={report}", "tests/gpu", "tests/data/test_device_augment.py"],
+                       cwd=PROJECT_ROOT, check=False)
         if not report.exists():
             return [{"check": "GPU tests", "target": "pass", "measured": "pytest did not run", "ok": False}]
         rows = []

@@ -1,21 +1,20 @@
-"""`uniformer bench ingest`: the training data stream on a simulated multi-node cluster, old design
-against new, side by side in one run.
+"""`uniformer bench ingest`: where the training's clip stream decodes, on a simulated multi-node
+cluster, decode nodes only against the trainers' nodes first, side by side in one run.
 
 The cluster (`ray.cluster_utils.Cluster`, every node a raylet on this machine): a head with no
-CPUs, `gpu_nodes` "GPU" nodes (a `bench_gpu` resource per trainer slot; trainers need one each)
-and one CPU-only decode node labelled `data.decode_nodes`. For each number of trainers both designs
-feed the same consumer loop, which runs no model: each batch costs `step_ms` of sleep, as a GPU
-step would, so what is measured is the data path alone.
-
-- old: every worker builds its own Ray Data dataset each epoch from its seeded shard, with Ray
-  Data's per-operator reservation off and output order preserved (the per-worker builder this
-  project used before, kept here only as the baseline);
-- new: one stream for the whole training (`pipeline.training.ingest`), split by Ray Train.
+CPUs, `gpu_nodes` "GPU" nodes (a `bench_gpu` resource per trainer slot; trainers need one each, and
+each node has one CPU more than its trainers) and one CPU-only decode node labelled
+`data.decode_nodes`. For each number of trainers both placements (`data.decode_placement`) feed the
+same consumer loop, which runs no model: each batch costs `step_ms` of sleep, as a GPU step would,
+so what is measured is the data path alone. The stream is the training's own
+(`pipeline.training.ingest`: one stream, split by Ray Train with the trainers' nodes as locality hints).
 
 Figures per run: clips/s reaching the trainers (all of them, over all epochs, start included),
 the mean data-wait fraction, decode tasks per epoch (from Ray Data's own stats), peak object-store
-bytes (sampled from the raylets every 0.5 s) and the share of decode CPU-seconds spent on the
-decode node (CPU time of the Ray worker processes seen running decode tasks, per node).
+bytes (sampled from the raylets every 0.5 s), the share of decode CPU-seconds spent on the
+decode node (CPU time of the Ray worker processes seen running decode tasks, per node), and the
+bytes of clips that crossed between nodes per clip (each clip carries the id of the node that
+decoded it; the trainer compares it with its own).
 """
 
 from __future__ import annotations
@@ -26,51 +25,12 @@ import tempfile
 import threading
 import time
 from pathlib import Path
-from typing import Any, Callable, Iterator
+from typing import Any, Callable
 
-import numpy as np
-import pyarrow as pa
+from pipeline.config import Config, config_from_dict
 
-from pipeline.config import Config, DataConfig, StorageConfig, config_from_dict
-
-DESIGNS = ("old", "new")
-_TASKS = re.compile(r"MapBatches\((?:_old_clips|_train_task_clips)\)[^\n]*?:\s*\n?[^\n]*?(\d+) tasks executed")
-
-
-# ---------------------------------------------------------------------------------------------
-# The old design, the baseline: one dataset per worker per epoch
-
-
-def _old_clips(batch: pa.Table, *, data: DataConfig, storage: StorageConfig, seed: int,
-               epoch: int) -> Iterator[dict[str, np.ndarray]]:
-    from pipeline.data.clips import make_clip_rows, stack_rows
-
-    for row in batch.to_pylist():
-        yield stack_rows(make_clip_rows(row, data=data, storage=storage, training=True, seed=seed, epoch=epoch))
-
-
-def old_worker_dataset(rows: pa.Table, *, rank: int, world: int, data: DataConfig, storage: StorageConfig, seed: int,
-                       epoch: int):
-    """This worker's clips of one epoch, as the project built them before the one stream."""
-    import ray.data
-
-    from pipeline.data.clips import decode_slots, epoch_order, videos_per_task
-
-    order = np.random.default_rng([seed, epoch]).permutation(rows.num_rows)[: rows.num_rows // world * world]
-    shard = rows.take(order[rank::world])
-    shard = shard.take(pa.array(epoch_order(shard.num_rows, seed=seed, epoch=epoch)))
-    per_block = videos_per_task(shard.num_rows, decode_slots(data))
-    blocks = [shard.slice(i, per_block) for i in range(0, shard.num_rows, per_block)]
-    context = ray.data.DataContext.get_current()
-    saved = context.op_resource_reservation_enabled, context.execution_options.preserve_order
-    context.op_resource_reservation_enabled, context.execution_options.preserve_order = False, True
-    try:
-        compute = ray.data.TaskPoolStrategy(size=data.decode_concurrency) if data.decode_concurrency else None
-        return ray.data.from_arrow(blocks).map_batches(
-            _old_clips, batch_size=per_block, batch_format="pyarrow", compute=compute, num_cpus=data.decode_cpus,
-            fn_kwargs={"data": data, "storage": storage, "seed": seed, "epoch": epoch})
-    finally:
-        context.op_resource_reservation_enabled, context.execution_options.preserve_order = saved
+DESIGNS = ("decode_nodes_only", "trainers_first")
+_TASKS = re.compile(r"MapBatches\(_train_task_clips\)[^\n]*?:\s*\n?[^\n]*?(\d+) tasks executed")
 
 
 # ---------------------------------------------------------------------------------------------
@@ -83,6 +43,7 @@ def decode_tasks(stats: str) -> int:
 
 
 def consume(loop_config: dict) -> None:
+    import ray
     import ray.train
     import torch
     import torch.distributed as dist
@@ -99,33 +60,25 @@ def consume(loop_config: dict) -> None:
     steps = steps_per_epoch(cfg, rows.num_rows)
     micro = cfg.train.batch_size // world
     step_s = loop_config["step_ms"] / 1000
-    new = loop_config["design"] == "new"
-    if new:
-        shard = ray.train.get_dataset_shard(TRAIN)
-        batches = iter(shard.iter_batches(batch_size=micro, drop_last=True, batch_format="numpy", prefetch_batches=2))
-    clips, wait_s, tasks, t0 = 0, 0.0, 0, time.perf_counter()
-    for epoch in range(cfg.optim.epochs):
-        if not new:
-            dataset = old_worker_dataset(rows, rank=rank, world=world, data=cfg.data, storage=cfg.storage,
-                                         seed=cfg.train.seed, epoch=epoch)
-            epoch_batches = iter(dataset.iter_batches(batch_size=micro, drop_last=True, batch_format="numpy",
-                                                      prefetch_batches=2))
-        for _ in range(steps):
-            t = time.perf_counter()
-            batch = next(batches if new else epoch_batches)
-            wait_s += time.perf_counter() - t
-            clips += len(batch["label"])
-            time.sleep(step_s)
-        if not new:
-            tasks += decode_tasks(dataset.stats())
-            del epoch_batches
+    node = ray.get_runtime_context().get_node_id()
+    shard = ray.train.get_dataset_shard(TRAIN)
+    batches = iter(shard.iter_batches(batch_size=micro, drop_last=True, batch_format="numpy", prefetch_batches=2))
+    clips, clip_bytes, crossed_bytes, wait_s, t0 = 0, 0, 0, 0.0, time.perf_counter()
+    for _ in range(cfg.optim.epochs * steps):
+        t = time.perf_counter()
+        batch = next(batches)
+        wait_s += time.perf_counter() - t
+        clips += len(batch["label"])
+        for clip, decoded_on in zip(batch["clip"], batch["decode_node"]):
+            clip_bytes += clip.nbytes
+            crossed_bytes += clip.nbytes if decoded_on != node else 0
+        time.sleep(step_s)
     seconds = time.perf_counter() - t0
-    if new:
-        tasks = decode_tasks(shard.stats()) if rank == 0 else 0  # one stream: its stats are everyone's
-    totals = torch.tensor([clips, wait_s / seconds, tasks, seconds], dtype=torch.float64)
+    tasks = decode_tasks(shard.stats()) if rank == 0 else 0  # one stream: its stats are everyone's
+    totals = torch.tensor([clips, wait_s / seconds, tasks, seconds, crossed_bytes, clip_bytes], dtype=torch.float64)
     dist.all_reduce(totals)
     figures = {"clips": totals[0].item(), "wait_fraction": totals[1].item() / world, "tasks": totals[2].item(),
-               "seconds": totals[3].item() / world}
+               "seconds": totals[3].item() / world, "crossed_bytes": totals[4].item(), "clip_bytes": totals[5].item()}
     with tempfile.TemporaryDirectory() as tmp:  # Ray Train keeps the metrics of reports with a checkpoint
         Path(tmp, "figures.txt").write_text(repr(figures))
         ray.train.report(figures, checkpoint=ray.train.Checkpoint.from_directory(tmp) if rank == 0 else None)
@@ -211,11 +164,11 @@ class CpuTally:
         return out
 
 
-def object_store_bytes() -> int:
-    """Bytes in the object stores of all nodes (the raylets' own figure)."""
+def object_store_bytes(address: str) -> int:
+    """Bytes in the object stores of all nodes of the cluster at `address` (the raylets' own figure)."""
     from ray._private.internal_api import memory_summary
 
-    text = memory_summary(stats_only=True)
+    text = memory_summary(address=address, stats_only=True)
     found = re.search(r"Plasma memory usage (\d+) MiB", text)
     return int(found.group(1)) * 2**20 if found else 0
 
@@ -266,15 +219,15 @@ def run_design(cfg: Config, cluster: SimulatedCluster, *, design: str, workers: 
 
     name = f"ingest-{design}-{workers}-{time.strftime('%H%M%S')}"
     cfg = dataclasses.replace(cfg, train=dataclasses.replace(cfg.train, num_workers=workers, storage_path=storage_dir,
-                                                             run_name=name))
-    datasets = {TRAIN: TrainStream(cfg.to_dict(), name)} if design == "new" else None
+                                                             run_name=name),
+                              data=dataclasses.replace(cfg.data, decode_placement=design))
     trainer = TorchTrainer(
-        consume, train_loop_config={"config": cfg.to_dict(), "design": design, "step_ms": step_ms},
+        consume, train_loop_config={"config": cfg.to_dict(), "step_ms": step_ms},
         scaling_config=ScalingConfig(num_workers=workers, resources_per_worker={"CPU": 1, "bench_gpu": 1}),
-        datasets=datasets, dataset_config=ClipDataConfig(cfg.data.object_store_budget_gb),
+        datasets={TRAIN: TrainStream(cfg.to_dict(), name)}, dataset_config=ClipDataConfig(cfg.data.object_store_budget_gb),
         run_config=RunConfig(name=name, storage_path=storage_dir))
     cpu_tally = CpuTally(cluster.worker_cpu_s)
-    with Sampler(object_store_bytes, cpu_tally) as sampler:
+    with Sampler(lambda: object_store_bytes(cluster.cluster.address), cpu_tally) as sampler:
         metrics = trainer.fit().metrics
     cpu = cpu_tally.per_node()
     return {"clips_per_s": round(metrics["clips"] / metrics["seconds"], 1),
@@ -282,15 +235,17 @@ def run_design(cfg: Config, cluster: SimulatedCluster, *, design: str, workers: 
             "decode_tasks_per_epoch": round(metrics["tasks"] / cfg.optim.epochs, 1),
             "peak_object_store_mb": round(sampler.peak / 2**20, 1),
             "decode_node_cpu_share": round(cpu.get("decode", 0.0) / max(sum(cpu.values()), 1e-9), 3),
+            "clip_mb": round(metrics["clip_bytes"] / metrics["clips"] / 1e6, 3),
+            "crossed_mb_per_clip": round(metrics["crossed_bytes"] / metrics["clips"] / 1e6, 3),
             "worker_cpu_s": {k: round(v, 1) for k, v in cpu.items()}}
 
 
 def run_ingest_bench(cfg: Config, *, manifest_uri: str, workers: tuple[int, ...] = (2, 4), gpu_nodes: int = 2,
                      decode_node_cpus: int = 4, step_ms: float = 50.0, epochs: int = 3,
                      progress: Callable[[str], None] = print) -> dict[str, Any]:
-    """Both designs for each number of trainers, on one simulated cluster; returns the table."""
+    """Both placements for each number of trainers, on one simulated cluster; returns the table."""
     slots = -(-max(workers) // gpu_nodes)
-    # Ray Data sizes the decode pools (decode_concurrency 0): what each old per-worker executor did.
+    # Ray Data sizes the decode pool (decode_concurrency 0) from the cluster's CPUs.
     cfg = dataclasses.replace(cfg, data=dataclasses.replace(cfg.data, manifest=manifest_uri, decode_concurrency=0),
                               optim=dataclasses.replace(cfg.optim, epochs=epochs))
     result: dict[str, Any] = {"gpu_nodes": gpu_nodes, "trainer_slots_per_gpu_node": slots,

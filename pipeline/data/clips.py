@@ -189,9 +189,10 @@ def videos_per_task(num_videos: int, slots: int) -> int:
 
 
 def decode_placement(data: DataConfig) -> dict[str, Any]:
-    """Where decode tasks run: only on nodes labelled `data.decode_nodes` (`key=value`) when the
-    cluster has any, else anywhere, at most `data.decode_concurrency` tasks at once (0: Ray Data's
-    choice). Returns `map_batches` keyword arguments."""
+    """Where decode tasks run, as `map_batches` keyword arguments: at most `data.decode_concurrency`
+    tasks at once (0: Ray Data's choice); when the cluster has nodes labelled `data.decode_nodes`,
+    first on the other nodes (the trainers', so that their clips never cross the network) and on the
+    decode nodes when those are full ("trainers_first"), or on the decode nodes only."""
     import ray
 
     placement: dict[str, Any] = {"num_cpus": data.decode_cpus}
@@ -200,7 +201,11 @@ def decode_placement(data: DataConfig) -> dict[str, Any]:
     if data.decode_nodes and ray.is_initialized():
         key, value = data.decode_nodes.split("=", 1)
         if any(n["Alive"] and n.get("Labels", {}).get(key) == value for n in ray.nodes()):
-            placement["label_selector"] = {key: value}
+            if data.decode_placement == "decode_nodes_only":
+                placement["label_selector"] = {key: value}
+            else:
+                placement["label_selector"] = {key: f"!{value}"}
+                placement["fallback_strategy"] = [{"label_selector": {key: value}}]
     return placement
 
 
@@ -209,19 +214,24 @@ def _train_task_clips(batch: dict[str, np.ndarray], *, rows: pa.Table, first_epo
                       seed: int) -> Iterator[dict[str, np.ndarray]]:
     """The clips of the training tasks numbered in `batch["id"]`: task t decodes slice t % T of epoch
     first_epoch + t // T's order; every draw comes from (seed, epoch, video)."""
+    import ray
+
+    node = ray.get_runtime_context().get_node_id()
     for task in batch["id"].tolist():
         epoch, slot = first_epoch + task // tasks_per_epoch, task % tasks_per_epoch
         order = epoch_order(rows.num_rows, seed=seed, epoch=epoch)[:videos_per_epoch]
         for row in rows.take(order[slot * per_task:(slot + 1) * per_task]).to_pylist():
             clips = stack_rows(make_clip_rows(row, data=data, storage=storage, training=True, seed=seed, epoch=epoch))
-            yield {**clips, "epoch": np.full(len(clips["label"]), epoch, dtype=np.int64)}
+            yield {**clips, "epoch": np.full(len(clips["label"]), epoch, dtype=np.int64),
+                   "decode_node": np.full(len(clips["label"]), node)}
 
 
 def training_stream(manifest: pa.Table, *, split: str, data: DataConfig, storage: StorageConfig, seed: int,
                     epochs: range, videos_per_epoch: int):
     """One Ray Dataset of every training clip of `epochs`, for all workers together (Ray Train splits
     it): per epoch the first `videos_per_epoch` usable videos of the (seed, epoch) order, each giving
-    `data.repeated_aug` clips, with an `epoch` column besides the usual ones.
+    `data.repeated_aug` clips, with `epoch` and `decode_node` (the Ray node id that decoded the clip)
+    columns besides the usual ones.
 
     The source is one small row per decode task (`range`, one block per epoch, cut into one-row
     blocks as it streams), so starting costs nothing per epoch or per worker, and the number of

@@ -39,8 +39,13 @@ def test_bench_ingest_tiny_run(tmp_path):
     line = json.loads(run.stdout.strip().splitlines()[-1])
     assert line["bench"] == "ingest"
     runs = {r["design"]: r for r in line["runs"]}
-    assert set(runs) == {"old", "new"} and all(r["workers"] == 2 for r in runs.values())
+    assert set(runs) == {"decode_nodes_only", "trainers_first"} and all(r["workers"] == 2 for r in runs.values())
     for r in runs.values():
         assert r["clips_per_s"] > 0 and 0 <= r["data_wait_fraction"] <= 1 and r["decode_tasks_per_epoch"] >= 1
-    # The one stream decodes on the labelled decode node only.
-    assert runs["new"]["decode_node_cpu_share"] > 0.9, runs["new"]
+        assert 0 <= r["crossed_mb_per_clip"] <= r["clip_mb"]
+    # Decode-nodes-only decodes there, so every clip crosses to the trainers' node; trainers-first decodes
+    # on the trainers' node (it has a free CPU) and its clips stay there.
+    only, first = runs["decode_nodes_only"], runs["trainers_first"]
+    assert only["decode_node_cpu_share"] > 0.9 and only["crossed_mb_per_clip"] > 0.9 * only["clip_mb"], only
+    assert first["decode_node_cpu_share"] < only["decode_node_cpu_share"], first
+    assert first["crossed_mb_per_clip"] < only["crossed_mb_per_clip"], first
