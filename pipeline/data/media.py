@@ -64,6 +64,12 @@ class UnsupportedMedia(DecodeError):
     reason = "unsupported container"
 
 
+class NoSuchFile(DecodeError):
+    """A local path that is not a file."""
+
+    reason = "no such video"
+
+
 class LimitExceeded(DecodeError):
     """Over one of the MediaLimits; `limit` is its config key and `reason` the short fixed reason."""
 
@@ -213,7 +219,7 @@ def open_media(src: Source, *, limits: MediaLimits = DEFAULT_LIMITS,
             if _IMAGE_PATTERN.search(path.name):
                 raise UnsupportedMedia(f"{what} is an image-sequence pattern (image2): not one of the allowed "
                                        f"containers ({_ALLOWED_TEXT})")
-            raise DecodeError(f"cannot open video {what}: no such file")
+            raise NoSuchFile(f"cannot open video {what}: no such file")
         check_bytes(path.stat().st_size, limits, what)
         target = str(path)
     else:

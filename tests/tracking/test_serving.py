@@ -17,6 +17,7 @@ import mlflow.artifacts
 import mlflow.pyfunc
 import numpy as np
 import pandas as pd
+import pytest
 import torch
 
 from pipeline.config import StorageConfig
@@ -24,6 +25,9 @@ from pipeline.data.clips import make_clip_rows
 from pipeline.tracking import serving
 from tests.conftest import free_port, wait_for_http
 from tests.tracking.conftest import LABELS, fake_training, tiny_config
+
+NOT_ALLOWED = ("PermissionError: not an allowed video URI; send the video's bytes, or allow its prefix with "
+               f"{serving.ALLOWED_PREFIXES_ENV}")
 
 
 def test_views_are_the_evaluation_views_of_the_data_pipeline(tiny_videos):
@@ -60,25 +64,38 @@ def test_classifier_takes_uris_or_bytes_and_reports_bad_videos(embedded, tiny_vi
     assert sorted(out["labels"][0]) == sorted(LABELS) and out["labels"][0] == out["labels"][1]
     np.testing.assert_allclose(out["scores"][0], out["scores"][1])
     assert out["label"][0] == out["labels"][0][0] and abs(sum(out["scores"][0]) - 1) < 1e-4
-    assert out["error"][2].startswith("DecodeError") and out["labels"][2] == []
-    assert "no/such.mp4" in out["error"][3] and "PermissionError" not in out["error"][3]
+    # Fixed reasons: never FFmpeg's text or a path.
+    assert out["error"][2] == "DecodeError: undecodable video" and out["labels"][2] == []
+    assert out["error"][3] == "NoSuchFile: no such video"
 
     # Outside the allowed prefixes: refused per row, before anything is read.
     outside = [str(tiny_videos["root"] / "train.txt"), f"{videos}/../train.txt", f"{videos}2/x.mp4",
                "s3://other-bucket/clips2/a.mp4", "s3://other-bucket/clips/../secret.mp4", "s3://bucket/clips/a.mp4"]
     refused = model.predict(pd.DataFrame({"video": outside}))
-    for uri, error in zip(outside, refused["error"]):
-        assert error.startswith(f"PermissionError: {uri} is outside the allowed prefixes (s3://other-bucket/clips, "
-                                f"{videos}); send the video's bytes"), error
+    assert list(refused["error"]) == [NOT_ALLOWED] * len(outside)
     monkeypatch.delenv(serving.ALLOWED_PREFIXES_ENV)
     closed = mlflow.pyfunc.load_model(f"runs:/{run_id}/video_classifier")
-    assert "outside the allowed prefixes (none)" in closed.predict(pd.DataFrame({"video": [tiny_videos["video"]]}))[
-        "error"][0]
+    assert closed.predict(pd.DataFrame({"video": [tiny_videos["video"]]}))["error"][0] == NOT_ALLOWED
     own = mlflow.pyfunc.load_model(f"runs:/{run_id}/video_classifier",
                                    model_config={"allowed_prefixes": [tiny_videos["video"]]})
     assert own.predict(pd.DataFrame({"video": [tiny_videos["video"]]}))["error"][0] == ""
     by_bytes = model.predict(pd.DataFrame({"video_bytes": [data]}))
     assert by_bytes["label"][0] == out["label"][0] and len(by_bytes["labels"][0]) == 3  # top 5 of 3 classes
+
+
+def test_allowed_prefixes_refuse_what_ffmpeg_reads_as_a_protocol(tmp_path, monkeypatch):
+    """Resolved as relative paths, `concat:` and `subfile,` names would lie below the working directory;
+    FFmpeg would then read the files named inside them."""
+    monkeypatch.chdir(tmp_path)
+    (tmp_path / "a.mp4").write_bytes(b"x")
+    (tmp_path / "link.mp4").symlink_to(tmp_path / "a.mp4")
+    for uri in ("concat:a.mp4|a.mp4", f"concat:{tmp_path}/a.mp4", "subfile,,start,0,end,0,,:a.mp4", "file:a.mp4",
+                "data:video/mp4;base64,AAAA", "pipe:0", "http:a.mp4"):
+        with pytest.raises(PermissionError, match="not a plain local path or S3 URI"):
+            serving.check_allowed(uri, [str(tmp_path)])
+    # What passes is handed on resolved: absolute, links followed.
+    assert serving.check_allowed("link.mp4", [str(tmp_path)]) == str(tmp_path / "a.mp4")
+    assert serving.check_allowed(f"file://{tmp_path}/a.mp4", [str(tmp_path)]) == str(tmp_path / "a.mp4")
 
 
 def test_served_network_has_folded_batchnorms_and_the_same_scores(embedded, tiny_videos):
@@ -143,8 +160,7 @@ def test_mlflow_models_serve_answers_bytes_and_allowed_uris(embedded, tiny_video
         by_uri = invoke({"dataframe_records": [{"video": tiny_videos["video"]},
                                                {"video": str(videos / "left" / "left_0000.mp4")}]})
         assert by_uri[0]["error"] == "" and by_uri[0]["labels"] == [*by_bytes[0]["labels"], *by_uri[0]["labels"][2:]]
-        assert by_uri[1]["error"].startswith("PermissionError: ")
-        assert "outside the allowed prefixes" in by_uri[1]["error"]
+        assert by_uri[1]["error"] == NOT_ALLOWED
 
         local = Path(mlflow.artifacts.download_artifacts(f"models:/{name}@champion", dst_path=str(tmp_path / "m")))
         example = json.loads((local / "serving_input_example.json").read_text())
