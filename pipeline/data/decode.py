@@ -92,8 +92,10 @@ def _video_stream(container: av.container.InputContainer, src: Source) -> av.vid
 def _frame_table(container: av.container.InputContainer, stream, limits: MediaLimits = DEFAULT_LIMITS,
                  deadline: Deadline = NO_DEADLINE) -> FrameTable:
     pts, dts, is_key = [], [], []
+    present = 0  # packets with data, edit-list discards included (what the container's count counts)
     for packet in container.demux(stream):
         deadline.check()
+        present += packet.size > 0
         if packet.size == 0 or packet.is_discard:  # the final flush packet; edit-list discards
             continue
         check_frames(len(pts) + 1, limits)  # before the lists grow: Matroska and MPEG-TS declare no count
@@ -103,6 +105,9 @@ def _frame_table(container: av.container.InputContainer, stream, limits: MediaLi
         pts.append(packet.pts)
         dts.append(packet.pts if packet.dts is None else packet.dts)
         is_key.append(packet.is_keyframe)
+    if pts and stream.frames and present < stream.frames:
+        # A download cut short: MP4's index still lists the missing frames.
+        raise DecodeError(f"truncated: the container declares {stream.frames} frames, {present} are present")
     order = np.argsort(np.asarray(pts, np.int64), kind="stable")  # frame i is packet order[i]
     sorted_pts = np.asarray(pts, np.int64)[order]
     if len(sorted_pts) > 1 and stream.time_base:  # containers that declare no duration, or a wrong one
