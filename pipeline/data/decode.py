@@ -27,6 +27,10 @@ phone videos, and mirroring) is applied, and non-square pixels (a sample aspect 
 1) are stretched to square by scaling the width while converting to RGB. Prepared copies
 (`pipeline.data.video.transcode_video`) store that picture with square pixels and no tag, so a copy
 and its original decode to the same frames, and training on copies matches `predict` on originals.
+
+Every video is opened by `pipeline.data.media.open_media` (allowed containers, plain files, limits from
+headers); the frame count, the timestamps' span and an optional deadline are checked again while
+demuxing and decoding, before the frame table or a decoded frame grows past a limit.
 """
 
 from __future__ import annotations

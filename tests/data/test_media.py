@@ -16,7 +16,7 @@ from pipeline.config import MediaLimits
 from pipeline.data import decode, media
 from pipeline.data import storage as st
 from pipeline.data.decode import VideoDecoder, decode_frames
-from pipeline.data.media import DecodeError, LimitExceeded, UnsupportedMedia, open_media
+from pipeline.data.media import LimitExceeded, UnsupportedMedia, open_media
 from pipeline.data.prepare import PrepareOptions, prepare
 from pipeline.data.transforms import center_crop
 from pipeline.data.video import probe_video
