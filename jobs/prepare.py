@@ -79,7 +79,7 @@ def main(argv: list[str] | None = None) -> dict:
         options = PrepareOptions(transcode=not args.no_transcode, short_side=args.short_side,
                                  frame_stride=args.frame_stride, keyframe_interval=args.keyframe_interval,
                                  crf=args.crf, min_frames=args.min_frames, min_side=args.min_side,
-                                 probe_decode=args.probe_decode)
+                                 probe_decode=args.probe_decode, limits=cfg.data.limits)
     except ValueError as err:
         parser.error(str(err))
     if args.num_cpus <= 0:

@@ -34,6 +34,22 @@ class StorageConfig:
 
 
 @dataclass(frozen=True)
+class MediaLimits:
+    """What one untrusted video may cost, checked before anything large is allocated
+    (`pipeline.data.media`). The defaults fit Kinetics and Something-Something (at most 1080p, seconds
+    long, tens of MB) with a wide margin; a video over one is refused with the limit's name."""
+
+    max_object_mb: float = 1024.0  # bytes of one video file or object, read before it is fetched
+    max_pixels: int = 4096 * 4096  # per frame, stored and as displayed (sample aspect ratio applied)
+    max_aspect: float = 8.0  # long side / short side of the displayed frame (cinema is 2.4)
+    max_frames: int = 108_000  # frames of one video (an hour at 30 fps)
+    max_duration_s: float = 3600.0  # declared or timestamped length of one video
+    max_request_mb: float = 256.0  # model server: video bytes of one request
+    max_request_rows: int = 64  # model server: rows of one request
+    row_deadline_s: float = 120.0  # model server: seconds to open and decode one row's video
+
+
+@dataclass(frozen=True)
 class DataConfig:
     manifest: str = ""  # URI of `prepare`'s output folder or its manifest.parquet
     train_split: str = "train"
@@ -73,6 +89,7 @@ class DataConfig:
     inference_cpu_actors: int = 1
     inference_actor_cpus: float = 1.0  # CPUs each inference actor reserves (on CPU, also its torch threads)
     inference_batch_size: int = 16  # views per forward pass of an inference actor
+    limits: MediaLimits = field(default_factory=MediaLimits)  # every open of a video (prepare, training, serving)
 
 
 @dataclass(frozen=True)
@@ -156,13 +173,23 @@ class Config:
         return dataclasses.asdict(self)
 
     def to_flat_dict(self) -> dict[str, Any]:
-        """`section.key -> value`, the form logged as MLflow params."""
-        return {f"{s}.{k}": v for s, sub in self.to_dict().items() for k, v in sub.items()}
+        """`section.key -> value` (`section.group.key` for a group such as data.limits), the form
+        logged as MLflow params."""
+        def flat(prefix: str, tree: dict[str, Any]) -> dict[str, Any]:
+            out: dict[str, Any] = {}
+            for k, v in tree.items():
+                out.update(flat(f"{prefix}{k}.", v) if isinstance(v, dict) else {f"{prefix}{k}": v})
+            return out
+
+        return flat("", self.to_dict())
 
     def to_yaml(self) -> str:
-        plain = {s: {k: list(v) if isinstance(v, tuple) else v for k, v in sub.items()}
-                 for s, sub in self.to_dict().items()}
-        return yaml.safe_dump(plain, sort_keys=False)
+        def plain(value: Any) -> Any:
+            if isinstance(value, dict):
+                return {k: plain(v) for k, v in value.items()}
+            return list(value) if isinstance(value, tuple) else value
+
+        return yaml.safe_dump(plain(self.to_dict()), sort_keys=False)
 
 
 def checkpoint_order(metric: str) -> Literal["max", "min"]:
@@ -323,6 +350,13 @@ def validate(cfg: Config) -> Config:
            "must be a node label key=value, or empty", d.decode_nodes)
     _check(d.inference_actor_cpus > 0, "data.inference_actor_cpus", "must be > 0", d.inference_actor_cpus)
     _check(d.object_store_budget_gb >= 0, "data.object_store_budget_gb", "must be >= 0", d.object_store_budget_gb)
+    lim = d.limits
+    for key, value in [("max_object_mb", lim.max_object_mb), ("max_pixels", lim.max_pixels),
+                       ("max_frames", lim.max_frames), ("max_duration_s", lim.max_duration_s),
+                       ("max_request_mb", lim.max_request_mb), ("max_request_rows", lim.max_request_rows),
+                       ("row_deadline_s", lim.row_deadline_s)]:
+        _check(value > 0, f"data.limits.{key}", "must be > 0", value)
+    _check(lim.max_aspect >= 1, "data.limits.max_aspect", "must be >= 1 (long side / short side)", lim.max_aspect)
     _check(0 <= d.random_erasing <= 1, "data.random_erasing", "must be a probability in [0, 1]", d.random_erasing)
     if d.rand_augment:
         try:
@@ -370,13 +404,15 @@ def validate(cfg: Config) -> Config:
 
 # What may change when a training resumes under the same train.run_name: how long it runs, how
 # often it validates and checkpoints, how it survives failures, how many CPUs it takes, what it
-# reports and how inference runs (training never reads those). Anything else
+# reports and how inference and the model server run (training never reads those). Anything else
 # would make the run's params and checkpoints describe a training that did not happen.
 RESUMABLE_KEYS = frozenset({"optim.epochs", "train.val_every_epochs", "train.checkpoint_every_epochs",
                             "train.max_failures", "train.keep_checkpoints", "train.cpus_per_worker",
                             "data.decode_cpus", "data.decode_concurrency", "data.decode_nodes", "data.decode_placement",
                             "data.object_store_budget_gb", "data.inference_cpu_actors",
                             "data.inference_actor_cpus", "data.inference_batch_size",
+                            "data.limits.max_request_mb", "data.limits.max_request_rows",
+                            "data.limits.row_deadline_s",
                             "tracking.system_metrics", "tracking.log_every_steps"})
 
 

@@ -26,7 +26,6 @@ writes them).
 from __future__ import annotations
 
 import dataclasses
-import io
 import json
 import multiprocessing
 import os
@@ -34,13 +33,13 @@ import time
 from pathlib import Path
 from typing import Any, Callable
 
-import av
 import numpy as np
 import pyarrow as pa
 
 from pipeline.config import DataConfig, StorageConfig
 from pipeline.data.clips import make_clip_rows
 from pipeline.data.decode import decode_frames
+from pipeline.data.media import open_media
 from pipeline.data.sampling import dense_indices
 from pipeline.data.synth import MOTIONS, encode_h264, render_video
 
@@ -258,7 +257,7 @@ def measure_clip_cost(rows: list[dict[str, Any]], data: DataConfig, storage: Sto
 def _sequential_decode_s(data: bytes) -> tuple[float, int]:
     """CPU seconds to decode every frame (no RGB conversion) and the number of frames."""
     start = time.process_time()
-    with av.open(io.BytesIO(data)) as container:
+    with open_media(data) as container:
         stream = container.streams.video[0]
         stream.thread_type = "SLICE"
         stream.codec_context.thread_count = 1
@@ -268,7 +267,7 @@ def _sequential_decode_s(data: bytes) -> tuple[float, int]:
 
 def _rgb_s(data: bytes, count: int) -> float:
     """CPU seconds to convert `count` decoded frames to RGB."""
-    with av.open(io.BytesIO(data)) as container:
+    with open_media(data) as container:
         frames = [f for _, f in zip(range(count), container.decode(video=0))]
     start = time.process_time()
     for frame in frames:

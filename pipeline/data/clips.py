@@ -37,10 +37,10 @@ import pyarrow.compute as pc
 from pipeline.config import DataConfig, StorageConfig
 from pipeline.data import storage as store
 from pipeline.data.decode import DecodeError, VideoDecoder
+from pipeline.data.media import max_bytes
 from pipeline.data.rand_augment import parse_rand_augment
 from pipeline.data.sampling import dense_indices, effective_sampling_rate, uniform_indices
-from pipeline.data.transforms import (TrainDraws, center_crop, draw_train_augment, encode_draws, three_crops,
-                                      train_augment)
+from pipeline.data.transforms import TrainDraws, draw_train_augment, encode_draws, three_crops, train_augment
 
 log = logging.getLogger(__name__)
 
@@ -89,14 +89,12 @@ def _decode_views(video: VideoDecoder, row: dict[str, Any], data: DataConfig, *,
         return [train_augment(clip, size=data.crop_size, scale=data.scale, ratio=data.ratio, flip=data.hflip,
                               rng=rng, augment=augment) for clip in clips]
     windows = [_indices(n, data, stride, clip_index=c, num_clips=data.test_clips) for c in range(data.test_clips)]
-    # The decoder scales to the evaluation short side while converting, cheaper than a resize after.
-    frames = video.decode(np.concatenate(windows), size=data.short_side)
-    views = []
-    for c in range(data.test_clips):
-        clip = frames[c * data.num_frames:(c + 1) * data.num_frames]
-        views += [center_crop(clip, size=data.crop_size)] if data.test_crops == 1 else three_crops(
-            clip, size=data.crop_size)
-    return views
+    # The decoder scales to the evaluation short side while converting, cheaper than a resize after;
+    # one centre crop is cut there too (from the stored picture first when it is very wide).
+    crop = data.crop_size if data.test_crops == 1 else None
+    frames = video.decode(np.concatenate(windows), size=data.short_side, center_crop=crop)
+    clips = [frames[c * data.num_frames:(c + 1) * data.num_frames] for c in range(data.test_clips)]
+    return clips if crop else [view for clip in clips for view in three_crops(clip, size=data.crop_size)]
 
 
 def make_clip_rows(row: dict[str, Any], *, data: DataConfig, storage: StorageConfig, training: bool, seed: int,
@@ -116,7 +114,8 @@ def make_clip_rows(row: dict[str, Any], *, data: DataConfig, storage: StorageCon
         reason = f"manifest status {row.get('status')!r}"
     else:
         try:
-            with VideoDecoder(store.read_bytes(row["path"], storage=storage)) as video:
+            data_bytes = store.read_bytes(row["path"], storage=storage, max_bytes=max_bytes(data.limits))
+            with VideoDecoder(data_bytes, limits=data.limits) as video:
                 clips = _decode_views(video, row, data, training=training, seed=seed, epoch=epoch)
         except (store.StorageError, DecodeError, av.FFmpegError) as err:
             reason = str(err)

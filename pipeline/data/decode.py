@@ -27,28 +27,32 @@ phone videos, and mirroring) is applied, and non-square pixels (a sample aspect 
 1) are stretched to square by scaling the width while converting to RGB. Prepared copies
 (`pipeline.data.video.transcode_video`) store that picture with square pixels and no tag, so a copy
 and its original decode to the same frames, and training on copies matches `predict` on originals.
+
+Every video is opened by `pipeline.data.media.open_media` (allowed containers, plain files, limits from
+headers); the frame count, the timestamps' span and an optional deadline are checked again while
+demuxing and decoding, before the frame table or a decoded frame grows past a limit.
 """
 
 from __future__ import annotations
 
 import bisect
-import io
 import itertools
-import os
 from dataclasses import dataclass
 from fractions import Fraction
-from typing import BinaryIO, Callable, Iterator, Sequence, Union
+from typing import Callable, Iterator, Sequence, Union
 
 import av
 import numpy as np
 from av.video.reformatter import VideoReformatter
 
-Source = Union[str, os.PathLike, bytes, bytearray, memoryview, BinaryIO]
+from pipeline.config import MediaLimits
+from pipeline.data.media import (DEFAULT_LIMITS, NO_DEADLINE, DecodeError, Deadline, LimitExceeded, Source,
+                                 check_frames, open_media)
+from pipeline.data.media import describe as _describe
+
+__all__ = ["DecodeError", "LimitExceeded", "VideoDecoder", "decode_frames", "frame_table", "count_frames"]
+
 Size = Union[int, tuple[int, int], None]
-
-
-class DecodeError(RuntimeError):
-    """The video cannot be decoded (unreadable container, no video stream, corrupt data)."""
 
 
 @dataclass(frozen=True)
@@ -78,35 +82,6 @@ class FrameTable:
 _PROBE_OPTIONS = [{"skip_frame": "all"}] * 8  # per stream, in order; extra entries are ignored
 
 
-def _open(src: Source) -> av.container.InputContainer:
-    try:
-        if isinstance(src, (bytes, bytearray, memoryview)):
-            target = io.BytesIO(src)
-        elif isinstance(src, (str, os.PathLike)):
-            target = os.fspath(src)
-        else:
-            target = src
-        try:
-            return av.open(target, mode="r", stream_options=_PROBE_OPTIONS)
-        except ValueError as err:
-            # MPEG-PS and FLV find their streams only while probing, so they refuse per-stream options.
-            if "stream_options" not in str(err):
-                raise
-            if hasattr(target, "seek"):
-                target.seek(0)
-            return av.open(target, mode="r")
-    except (av.FFmpegError, OSError, ValueError) as err:
-        raise DecodeError(f"cannot open video {_describe(src)}: {err}") from None
-
-
-def _describe(src: Source) -> str:
-    if isinstance(src, (bytes, bytearray, memoryview)):
-        return f"<{len(src)} bytes>"
-    if isinstance(src, (str, os.PathLike)):
-        return os.fspath(src)
-    return f"<file {getattr(src, 'name', type(src).__name__)}>"
-
-
 def _video_stream(container: av.container.InputContainer, src: Source) -> av.video.stream.VideoStream:
     if not container.streams.video:
         raise DecodeError(f"no video stream in {_describe(src)}")
@@ -118,19 +93,32 @@ def _video_stream(container: av.container.InputContainer, src: Source) -> av.vid
     return stream
 
 
-def _frame_table(container: av.container.InputContainer, stream) -> FrameTable:
+def _frame_table(container: av.container.InputContainer, stream, limits: MediaLimits = DEFAULT_LIMITS,
+                 deadline: Deadline = NO_DEADLINE) -> FrameTable:
     pts, dts, is_key = [], [], []
+    present = 0  # packets with data, edit-list discards included (what the container's count counts)
     for packet in container.demux(stream):
+        deadline.check()
+        present += packet.size > 0
         if packet.size == 0 or packet.is_discard:  # the final flush packet; edit-list discards
             continue
+        check_frames(len(pts) + 1, limits)  # before the lists grow: Matroska and MPEG-TS declare no count
         if packet.pts is None:  # no usable timestamps: only a sequential decode numbers the frames
             pts, dts, is_key = [], [], []
             break
         pts.append(packet.pts)
         dts.append(packet.pts if packet.dts is None else packet.dts)
         is_key.append(packet.is_keyframe)
+    if pts and stream.frames and present < stream.frames:
+        # A download cut short: MP4's index still lists the missing frames.
+        raise DecodeError(f"truncated: the container declares {stream.frames} frames, {present} are present")
     order = np.argsort(np.asarray(pts, np.int64), kind="stable")  # frame i is packet order[i]
     sorted_pts = np.asarray(pts, np.int64)[order]
+    if len(sorted_pts) > 1 and stream.time_base:  # containers that declare no duration, or a wrong one
+        seconds = float((sorted_pts[-1] - sorted_pts[0]) * stream.time_base)
+        if seconds > limits.max_duration_s:
+            raise LimitExceeded(f"timestamps span {seconds:.0f} s, over data.limits.max_duration_s="
+                                f"{limits.max_duration_s:g}", "max_duration_s", "video too long")
     keyframes = np.flatnonzero(np.asarray(is_key, bool)[order]).astype(np.int64)
     reliable = len(order) > 0 and bool(np.all(np.diff(sorted_pts) > 0)) and len(keyframes) > 0
     return FrameTable(sorted_pts, np.asarray(dts, np.int64)[order], order.astype(np.int64), keyframes, reliable)
@@ -160,6 +148,26 @@ def _output_size(height: int, width: int, size: Size) -> tuple[int, int]:
 
 
 Convert = Callable[[av.VideoFrame], np.ndarray]
+
+# A view needing a centred crop is cut from the stored picture before scaling when the scaled frame
+# would be more than this many times the crop's area (never for 4:3, 16:9 or 9:16 videos, whose frames
+# come out exactly as scaled then cropped).
+_CROP_FIRST = 4
+
+
+def _crop_origin(height: int, width: int, size: int) -> tuple[int, int]:
+    """(top, left) of the centred size x size crop of a height x width frame (transforms.center_crop's)."""
+    if min(height, width) < size:
+        raise ValueError(f"cannot crop {size}x{size} from {height}x{width} frames; scale the short side to at "
+                         f"least {size} first")
+    if height <= width:
+        return (height - size) // 2, int(round((width - size) * 0.5))
+    return int(round((height - size) * 0.5)), (width - size) // 2
+
+
+def _center_crop(rgb: np.ndarray, size: int) -> np.ndarray:
+    top, left = _crop_origin(rgb.shape[0], rgb.shape[1], size)
+    return np.ascontiguousarray(rgb[top:top + size, left:left + size])
 
 
 @dataclass(frozen=True)
@@ -230,8 +238,8 @@ class DecodeStats:
     sequential_decodes: int = 0  # decodes from the start: the fallback, or counting frames
 
 
-def _decode_sequential(container, stream, wanted: set[int], convert: Convert,
-                       stats: DecodeStats) -> tuple[dict[int, np.ndarray], int]:
+def _decode_sequential(container, stream, wanted: set[int], convert: Convert, stats: DecodeStats,
+                       deadline: Deadline = NO_DEADLINE) -> tuple[dict[int, np.ndarray], int]:
     """Decode from the start counting frames, which is the definition of a frame's index.
 
     Returns the wanted frames found and the index of the last frame decoded; when the stream
@@ -242,6 +250,7 @@ def _decode_sequential(container, stream, wanted: set[int], convert: Convert,
     last_needed = max(wanted)
     i, last = -1, None
     for i, frame in enumerate(container.decode(stream)):
+        deadline.check()
         stats.frames_decoded += 1
         last = frame
         if i in wanted:
@@ -275,15 +284,16 @@ def _seek_to_keyframe(container, stream, table: FrameTable, key: int, index_of: 
     return None
 
 
-def _decoded(packets: Iterator[av.Packet], stats: DecodeStats) -> Iterator[av.VideoFrame]:
+def _decoded(packets: Iterator[av.Packet], stats: DecodeStats, deadline: Deadline) -> Iterator[av.VideoFrame]:
     for packet in packets:
+        deadline.check()
         for frame in packet.decode():
             stats.frames_decoded += 1
             yield frame
 
 
 def _decode_seeking(container, stream, table: FrameTable, wanted: list[int], convert: Convert,
-                    stats: DecodeStats) -> dict[int, np.ndarray] | None:
+                    stats: DecodeStats, deadline: Deadline = NO_DEADLINE) -> dict[int, np.ndarray] | None:
     """Seek-decode the sorted, in-range `wanted` indices; None if the stream defeats seeking."""
     index_of = {int(p): i for i, p in enumerate(table.pts)}
     keyframes = set(table.keyframes.tolist())
@@ -302,7 +312,7 @@ def _decode_seeking(container, stream, table: FrameTable, wanted: list[int], con
         if start < table.keyframes[k]:
             lands_early.add(k)
         position = -1
-        for frame in _decoded(packets, stats):
+        for frame in _decoded(packets, stats, deadline):
             i = index_of.get(frame.pts)
             if i is None or i > wanted[w] or (position >= 0 and i != position + 1):
                 return None  # not display order, landed past the frame, or the decoder dropped one
@@ -339,12 +349,14 @@ class VideoDecoder:
     ...     video.stats  # DecodeStats(frames_decoded=..., seeks=..., sequential_decodes=0)
     """
 
-    def __init__(self, src: Source):
+    def __init__(self, src: Source, *, limits: MediaLimits = DEFAULT_LIMITS, deadline_s: float | None = None):
         self._src = src
-        self._container = _open(src)
+        self._limits = limits
+        self._deadline = Deadline(deadline_s)  # one budget for opening and every decode call
+        self._container = open_media(src, limits=limits, probe_options=_PROBE_OPTIONS)
         try:
             self._stream = _video_stream(self._container, src)
-            self.table = _frame_table(self._container, self._stream)
+            self.table = _frame_table(self._container, self._stream, limits, self._deadline)
         except av.FFmpegError as err:
             self._container.close()
             raise DecodeError(f"cannot demux {_describe(src)}: {err}") from None
@@ -370,42 +382,71 @@ class VideoDecoder:
             self._num_frames = last_index + 1
         return self._num_frames
 
-    def decode(self, indices: Sequence[int] | np.ndarray, *, size: Size = None) -> np.ndarray:
+    def decode(self, indices: Sequence[int] | np.ndarray, *, size: Size = None,
+               center_crop: int | None = None) -> np.ndarray:
         """Frames at 0-based `indices` (any order, repeats allowed) as uint8 RGB (T, H, W, 3).
 
         Indices at or past the end repeat the last frame. Frames are upright with square pixels
         (see `display_of`). `size` scales while converting to RGB: an int is the short side in
-        pixels, a tuple is (height, width), both of the upright picture.
+        pixels, a tuple is (height, width), both of the upright picture. `center_crop`: only the
+        centred `center_crop` x `center_crop` window of each scaled frame, as
+        `pipeline.data.transforms.center_crop` cuts it; a frame much wider than that window is cropped
+        before it is scaled (scaling all of a 16384x2 frame to a short side would take gigabytes).
         """
         idx = _check_indices(indices)
         _check_size(size)
+        if center_crop is not None and center_crop < 1:
+            raise ValueError(f"center_crop={center_crop}: a crop side in pixels must be >= 1, or None")
         if self._seekable:
             clamped = np.minimum(idx, self.table.num_frames - 1)
             try:
                 frames = _decode_seeking(self._container, self._stream, self.table, sorted(set(clamped.tolist())),
-                                         lambda frame: self._to_rgb(frame, size), self.stats)
+                                         lambda frame: self._to_rgb(frame, size, center_crop), self.stats,
+                                         self._deadline)
             except av.FFmpegError as err:
                 raise DecodeError(f"cannot decode {_describe(self._src)}: {err}") from None
             if frames is not None:
                 return np.stack([frames[i] for i in clamped.tolist()])
             self._seekable = False  # this stream defeats seeking; later calls go straight to the fallback
-        frames, last_index = self._decode_sequential(set(idx.tolist()), size)
+        frames, last_index = self._decode_sequential(set(idx.tolist()), size, center_crop)
         return np.stack([frames[min(i, last_index)] for i in idx.tolist()])
 
-    def _to_rgb(self, frame: av.VideoFrame, size: Size) -> np.ndarray:
+    def _to_rgb(self, frame: av.VideoFrame, size: Size, center_crop: int | None = None) -> np.ndarray:
         display = display_of(frame, self._sample_aspect_ratio)
-        height, width = display.stored_size(*_output_size(display.height, display.width, size))
+        out_height, out_width = _output_size(display.height, display.width, size)
+        if center_crop is not None and out_height * out_width > _CROP_FIRST * center_crop ** 2:
+            return self._cropped_rgb(frame, display, out_height, out_width, center_crop)
+        if out_height * out_width > self._limits.max_pixels:
+            raise LimitExceeded(f"{display.height}x{display.width} scaled to {out_height}x{out_width} is over "
+                                f"data.limits.max_pixels={self._limits.max_pixels}", "max_pixels")
+        height, width = display.stored_size(out_height, out_width)
         rgb = self._reformatter.reformat(frame, width=width, height=height, format="rgb24", threads=1)
-        return display.upright(rgb.to_ndarray())
+        rgb = display.upright(rgb.to_ndarray())
+        return rgb if center_crop is None else _center_crop(rgb, center_crop)
 
-    def _decode_sequential(self, wanted: set[int], size: Size) -> tuple[dict[int, np.ndarray], int]:
+    def _cropped_rgb(self, frame: av.VideoFrame, display: Display, out_height: int, out_width: int,
+                     crop: int) -> np.ndarray:
+        """The centred crop x crop window of `frame` scaled to out_height x out_width, cut from the
+        stored picture first: only the window is scaled."""
+        rgb = display.upright(self._reformatter.reformat(frame, format="rgb24", threads=1).to_ndarray())
+        top, left = _crop_origin(out_height, out_width, crop)
+        scale_y, scale_x = rgb.shape[0] / out_height, rgb.shape[1] / out_width
+        y0, x0 = int(top * scale_y), int(left * scale_x)
+        y1 = max(y0 + 1, int(np.ceil((top + crop) * scale_y)))
+        x1 = max(x0 + 1, int(np.ceil((left + crop) * scale_x)))
+        window = av.VideoFrame.from_ndarray(np.ascontiguousarray(rgb[y0:y1, x0:x1]), format="rgb24")
+        return self._reformatter.reformat(window, width=crop, height=crop, format="rgb24", threads=1).to_ndarray()
+
+    def _decode_sequential(self, wanted: set[int], size: Size,
+                           center_crop: int | None = None) -> tuple[dict[int, np.ndarray], int]:
         # A fresh container: seeking back to the start is exactly what this stream may not support.
         if hasattr(self._src, "seek"):
             self._src.seek(0)
-        with _open(self._src) as container:
+        with open_media(self._src, limits=self._limits, probe_options=_PROBE_OPTIONS) as container:
             try:
                 return _decode_sequential(container, _video_stream(container, self._src), wanted,
-                                          lambda frame: self._to_rgb(frame, size), self.stats)
+                                          lambda frame: self._to_rgb(frame, size, center_crop), self.stats,
+                                          self._deadline)
             except av.FFmpegError as err:
                 raise DecodeError(f"cannot decode {_describe(self._src)}: {err}") from None
 
@@ -422,7 +463,8 @@ class VideoDecoder:
         return f"VideoDecoder({_describe(self._src)}, {self.height}x{self.width}, {self.table!r})"
 
 
-def decode_frames(src: Source, indices: Sequence[int] | np.ndarray, *, size: Size = None) -> np.ndarray:
+def decode_frames(src: Source, indices: Sequence[int] | np.ndarray, *, size: Size = None,
+                  limits: MediaLimits = DEFAULT_LIMITS) -> np.ndarray:
     """Frames at 0-based `indices` (any order, repeats allowed) as uint8 RGB (T, H, W, 3).
 
     Indices at or past the end repeat the last frame. `size` scales while converting to RGB
@@ -430,9 +472,11 @@ def decode_frames(src: Source, indices: Sequence[int] | np.ndarray, *, size: Siz
     a tuple is (height, width). With `size=None` the frames are exactly those of a full
     sequential decode, as displayed: turned upright by the stream's display matrix and, for
     non-square pixels, with the width scaled by the sample aspect ratio (see `display_of`).
-    Raises DecodeError for an unreadable video, ValueError for bad arguments.
+    The video is opened by `pipeline.data.media.open_media` (allowed containers only, `limits`).
+    Raises DecodeError for an unreadable, refused (UnsupportedMedia) or too large (LimitExceeded)
+    video, ValueError for bad arguments.
     """
     idx = _check_indices(indices)
     _check_size(size)
-    with VideoDecoder(src) as video:
+    with VideoDecoder(src, limits=limits) as video:
         return video.decode(idx, size=size)

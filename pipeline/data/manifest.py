@@ -23,8 +23,8 @@ from pipeline.data import storage as st
 MANIFEST_NAME = "manifest.parquet"
 
 # ok first; then the reasons a row cannot be used, roughly in the order they are checked.
-STATUSES = ("ok", "bad_annotation", "missing", "empty", "unreadable", "no_video_stream", "too_small",
-            "too_short", "transcode_failed")
+STATUSES = ("ok", "bad_annotation", "missing", "empty", "unreadable", "unsupported", "too_large",
+            "no_video_stream", "too_small", "too_short", "transcode_failed")
 
 SCHEMA = pa.schema([
     ("index", pa.int64()),            # position among the annotation rows (the manifest's order)

@@ -26,19 +26,22 @@ import sys
 import tempfile
 import time
 from concurrent.futures import ThreadPoolExecutor
-from dataclasses import asdict, dataclass
+from dataclasses import asdict, dataclass, field
 from typing import Any
 
 import pyarrow as pa
 
-from pipeline.config import StorageConfig
+from pipeline.config import MediaLimits, StorageConfig
 from pipeline.data import manifest as mf
 from pipeline.data import storage as st
 from pipeline.data.annotations import Annotations, labels_json, load_annotations
+from pipeline.data.media import LimitExceeded, check_bytes, max_bytes
 from pipeline.data.video import TranscodeError, probe_video, transcode_video
 
 # Bump when probing or transcoding changes what it writes: every cached result is redone.
-PREPARE_VERSION = 2  # 2: copies upright with square pixels and the colour description; sizes as shown
+# 2: copies upright with square pixels and the colour description; sizes as shown. 3: allowed containers and
+# data.limits (statuses unsupported, too_large).
+PREPARE_VERSION = 3
 PARTS = "_parts"
 VIDEOS = "videos"
 # Results that depend on more than the source and the options are never cached.
@@ -60,6 +63,7 @@ class PrepareOptions:
     min_frames: int = 16           # of the original; fewer -> too_short
     min_side: int = 32             # smaller short side -> too_small
     probe_decode: str = "ends"     # "all" decodes every frame when probing (slow, thorough)
+    limits: MediaLimits = field(default_factory=MediaLimits)  # over one -> too_large (the config's data.limits)
 
     def __post_init__(self) -> None:
         for name in ("frame_stride", "keyframe_interval", "min_frames", "min_side"):
@@ -88,13 +92,17 @@ def prepare_item(item: dict[str, Any], options: PrepareOptions, *, storage: Stor
                            "path": source, "source_path": source, "source_bytes": item["source_bytes"],
                            "source_version": item["source_version"], "cache": True}
     try:
-        data = st.read_bytes(source, storage=storage)
+        # The listed size first: a multi-GB object is recorded, not fetched.
+        check_bytes(item["source_bytes"], options.limits, source)
+        data = st.read_bytes(source, storage=storage, max_bytes=max_bytes(options.limits))
+    except (LimitExceeded, st.ObjectTooLarge) as err:
+        return {**out, "status": "too_large", "reason": str(err)}
     except st.NotFoundError as err:
         return {**out, "status": "missing", "reason": str(err), "cache": False}
     except st.StorageError as err:
         return {**out, "status": "unreadable", "reason": f"read failed: {err}", "cache": False}
     info = probe_video(data, min_frames=options.min_frames, min_side=options.min_side,
-                       decode=options.probe_decode)
+                       decode=options.probe_decode, limits=options.limits)
     out.update(source_bytes=len(data), source_num_frames=info["num_frames"], source_fps=info["fps"],
                source_width=info["width"], source_height=info["height"], source_codec=info["codec"],
                source_pix_fmt=info["pix_fmt"], status=info["status"], reason=info["reason"])
@@ -108,7 +116,7 @@ def prepare_item(item: dict[str, Any], options: PrepareOptions, *, storage: Stor
         try:
             meta = transcode_video(data, local, short_side=options.short_side or None,
                                    frame_stride=options.frame_stride, keyframe_interval=options.keyframe_interval,
-                                   crf=options.crf, preset=options.preset, threads=threads)
+                                   crf=options.crf, preset=options.preset, threads=threads, limits=options.limits)
             st.upload_file(local, item["dest"], storage=storage)
         except TranscodeError as err:
             return {**out, **source_meta, "status": "transcode_failed", "reason": str(err), "cache": False}

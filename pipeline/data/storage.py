@@ -41,6 +41,17 @@ class NotFoundError(StorageError):
     """The object, file or bucket does not exist."""
 
 
+class ObjectTooLarge(StorageError):
+    """The object or file is larger than the reader allows; nothing of it was read."""
+
+    reason = "video too large"
+
+
+def _check_size(uri: str, size: int, max_bytes: int | None) -> None:
+    if max_bytes is not None and size > max_bytes:
+        raise ObjectTooLarge(f"{uri}: {size} bytes, over the limit of {max_bytes} bytes")
+
+
 @dataclass(frozen=True)
 class ObjectInfo:
     uri: str
@@ -274,8 +285,9 @@ def open_input(uri: str, *, storage: StorageConfig = _DEFAULT) -> IO[bytes]:
         raise _local_error(uri, err) from None
 
 
-def read_bytes(uri: str, *, storage: StorageConfig = _DEFAULT) -> bytes:
-    """The whole object or file; an S3 object in one GET request."""
+def read_bytes(uri: str, *, storage: StorageConfig = _DEFAULT, max_bytes: int | None = None) -> bytes:
+    """The whole object or file; an S3 object in one GET request. With `max_bytes`, a larger one is
+    refused (ObjectTooLarge) from the response's Content-Length or the file's size, before its body is read."""
     if is_s3(uri):
         from botocore import exceptions as bex
 
@@ -285,7 +297,15 @@ def read_bytes(uri: str, *, storage: StorageConfig = _DEFAULT) -> bytes:
         # boto3, not pyarrow: pyarrow's readers send a HEAD for the size before their GET.
         def read() -> bytes:
             try:
-                return client.get_object(Bucket=bucket, Key=key)["Body"].read()
+                response = client.get_object(Bucket=bucket, Key=key)
+                try:
+                    _check_size(uri, int(response["ContentLength"]), max_bytes)
+                except ObjectTooLarge:
+                    response["Body"].close()  # drop the connection rather than read the body
+                    raise
+                return response["Body"].read()
+            except ObjectTooLarge:
+                raise
             except (bex.ResponseStreamingError, bex.IncompleteReadError, bex.FlexibleChecksumError) as err:
                 # The body came damaged or cut short; botocore retries requests, not bodies: read again.
                 raise ConnectionError(f"the response body came damaged or cut short ({type(err).__name__})") from None
@@ -295,6 +315,7 @@ def read_bytes(uri: str, *, storage: StorageConfig = _DEFAULT) -> bytes:
         return _with_retries(uri, storage, read)
     try:
         with open(local_path(uri), "rb") as f:
+            _check_size(uri, os.fstat(f.fileno()).st_size, max_bytes)
             return f.read()
     except OSError as err:
         raise _local_error(uri, err) from None

@@ -1,7 +1,9 @@
 """Probe videos for problems and transcode good ones into cheap-to-seek training copies.
 
 `probe_video` never raises on a bad video: it returns a `status` (see `pipeline.data.manifest`) and
-a one-line `reason`, plus whatever metadata it could read. It counts frames by demuxing every
+a one-line `reason`, plus whatever metadata it could read. Both open videos with
+`pipeline.data.media.open_media`: a container outside the allow-list is `unsupported`, a video over
+one of the `data.limits` is `too_large` (its reason names the limit), found before it is decoded. It counts frames by demuxing every
 packet (containers such as WebM do not say), and decodes the first frame and the last group of
 pictures so that truncated files are noticed, not only broken headers.
 
@@ -16,7 +18,6 @@ to the frames its original decodes to.
 
 from __future__ import annotations
 
-import io
 import os
 from fractions import Fraction
 from pathlib import Path
@@ -27,7 +28,9 @@ import numpy as np
 from av.video.frame import PictureType
 from av.video.reformatter import VideoReformatter
 
+from pipeline.config import MediaLimits
 from pipeline.data.decode import Display, display_of
+from pipeline.data.media import DEFAULT_LIMITS, LimitExceeded, UnsupportedMedia, check_frames, open_media
 
 Source = Union[str, Path, bytes, bytearray, memoryview, IO[bytes]]
 
@@ -40,19 +43,14 @@ class TranscodeError(RuntimeError):
     """A transcode failed; the message is one line."""
 
 
-def _open_source(src: Source):
-    if isinstance(src, (bytes, bytearray, memoryview)):
-        return io.BytesIO(bytes(src))
-    if isinstance(src, (str, Path)):
-        return str(src)
-    return src
-
-
 def _source_size(src: Source) -> int | None:
     if isinstance(src, (bytes, bytearray, memoryview)):
         return len(src)
     if isinstance(src, (str, Path)):
-        return os.path.getsize(src)
+        try:
+            return os.path.getsize(src)
+        except OSError:  # open_media says why (a protocol, a pattern, no such file)
+            return None
     try:
         pos = src.tell()
         size = src.seek(0, os.SEEK_END)
@@ -76,10 +74,11 @@ def _bit_depth(pix_fmt: str) -> int:
 
 
 def probe_video(src: Source, *, min_frames: int = DEFAULT_MIN_FRAMES, min_side: int = DEFAULT_MIN_SIDE,
-                decode: str = "ends") -> dict:
+                decode: str = "ends", limits: MediaLimits = DEFAULT_LIMITS) -> dict:
     """Inspect a video (path, bytes or seekable binary file); never raises for a bad video.
 
-    Returns `status` (`ok`, `empty`, `unreadable`, `no_video_stream`, `too_small`, `too_short`),
+    Returns `status` (`ok`, `empty`, `unreadable`, `unsupported`, `too_large`, `no_video_stream`,
+    `too_small`, `too_short`),
     `reason` ("" when ok) and `container`, `codec`, `pix_fmt`, `bit_depth`, `num_frames`, `fps`
     (average), `vfr`, `width`, `height` (of the frames as decoded: upright, square pixels),
     `duration_s`, `keyframe_interval` (largest gap between keyframes, in frames), `bytes`.
@@ -103,8 +102,12 @@ def probe_video(src: Source, *, min_frames: int = DEFAULT_MIN_FRAMES, min_side: 
     if hasattr(src, "seek"):
         src.seek(0)
     try:
-        container = av.open(_open_source(src), "r")
-    except Exception as err:  # noqa: BLE001 - any failure to open means unreadable
+        container = open_media(src, limits=limits)
+    except UnsupportedMedia as err:
+        return bad("unsupported", _one_line(err))
+    except LimitExceeded as err:
+        return bad("too_large", _one_line(err))
+    except Exception as err:  # noqa: BLE001 - any other failure to open means unreadable
         return bad("unreadable", f"not a readable media container ({_one_line(err)})")
     with container:
         info["container"] = container.format.name
@@ -137,6 +140,7 @@ def probe_video(src: Source, *, min_frames: int = DEFAULT_MIN_FRAMES, min_side: 
                     continue
                 if packet.is_corrupt:
                     return bad("unreadable", f"corrupt packet {count} (truncated or damaged file)")
+                check_frames(count + 1, limits)  # before `pts` grows past the limit
                 if packet.is_keyframe:
                     keyframes.append(count)
                     last_key_times = (packet.pts, packet.dts)
@@ -147,6 +151,8 @@ def probe_video(src: Source, *, min_frames: int = DEFAULT_MIN_FRAMES, min_side: 
                     first_frames += decode_packet(packet)
             if decode == "all" or not first_frames:
                 first_frames += decode_packet(None)
+        except LimitExceeded as err:
+            return bad("too_large", _one_line(err))
         except Exception as err:  # noqa: BLE001
             return bad("unreadable", f"failed at packet {count}: {_one_line(err)}")
         declared = stream.frames or 0
@@ -171,6 +177,9 @@ def probe_video(src: Source, *, min_frames: int = DEFAULT_MIN_FRAMES, min_side: 
             mean_delta = (ordered[-1] - ordered[0]) / max(1, len(ordered) - 1)
             info["duration_s"] = float((ordered[-1] - ordered[0] + mean_delta) * tb)
             end_s = float((ordered[-1] + mean_delta) * tb)
+            if info["duration_s"] > limits.max_duration_s:  # Matroska and MPEG-TS need not declare it
+                return bad("too_large", f"timestamps span {info['duration_s']:.0f} s, over "
+                                        f"data.limits.max_duration_s={limits.max_duration_s:g}")
         elif container.duration:
             info["duration_s"] = container.duration / av.time_base
         rate = stream.average_rate or stream.guessed_rate
@@ -258,7 +267,7 @@ def _h264_stream(out, image, rate: Fraction, *, keyframe_interval: int, crf: int
 
 def transcode_video(src: Source, dst_local_path: str | Path, *, short_side: int | None = None,
                     frame_stride: int = 1, keyframe_interval: int = 16, crf: int = 23,
-                    preset: str = "veryfast", threads: int = 0) -> dict:
+                    preset: str = "veryfast", threads: int = 0, limits: MediaLimits = DEFAULT_LIMITS) -> dict:
     """Re-encode the first video stream of `src` to an MP4 at `dst_local_path`.
 
     Output frame j is frame `j * frame_stride` of a sequential decode of the original, at
@@ -277,7 +286,7 @@ def transcode_video(src: Source, dst_local_path: str | Path, *, short_side: int 
         src.seek(0)
     written = decoded = 0
     try:
-        with av.open(_open_source(src), "r") as container:
+        with open_media(src, limits=limits) as container:
             if not container.streams.video:
                 raise TranscodeError("no video stream")
             in_stream = container.streams.video[0]
@@ -292,6 +301,7 @@ def transcode_video(src: Source, dst_local_path: str | Path, *, short_side: int 
                 reformatter = VideoReformatter()
                 for frame in container.decode(in_stream):
                     decoded += 1
+                    check_frames(decoded, limits)
                     if (decoded - 1) % frame_stride:
                         continue
                     if stream is None:

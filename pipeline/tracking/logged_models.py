@@ -43,6 +43,7 @@ def finish_training_run(cfg: Config, run_id: str, checkpoint_state: dict, labels
     with mlflow.start_run(run_id=run_id, log_system_metrics=False):
         pytorch_info = serving.log_pytorch_model(state_dict, preprocess, labels, name=PYTORCH_MODEL_NAME)
         pyfunc_info = serving.log_pyfunc_model(state_dict, preprocess, labels, name=PYFUNC_MODEL_NAME,
+                                               limits=cfg.data.limits,
                                                metadata={"pytorch_model_uri": pytorch_info.model_uri,
                                                          "code_version": code_version()})
     manifest_hash = client.get_run(run_id).data.params.get("data.manifest_hash")

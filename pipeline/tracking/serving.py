@@ -4,9 +4,13 @@ The video classifier takes a DataFrame with a `video` column (local path, `file:
 URI, or the video's bytes) or a `video_bytes` column, decodes the test views the training
 recipe evaluates with (`test_clips` clips x `test_crops` crops at `short_side`), sums the
 softmax scores and returns per row `label`, `score` (top 1), `labels`, `scores` (top k, the
-`top_k` param, default 5) and `error` (empty, or why the video could not be scored). URIs and
-paths are read only under the allowed prefixes (UNIFORMER_SERVE_ALLOWED_PREFIXES, or the loader's
-`model_config`); bytes always.
+`top_k` param, default 5) and `error` (empty, or why the video could not be scored: the error's type
+and a short fixed reason such as "unsupported container", "video too large" or "undecodable video",
+never FFmpeg's text or a path; the details go to the server's log). URIs and paths are read only
+under the allowed prefixes (UNIFORMER_SERVE_ALLOWED_PREFIXES, or the loader's `model_config`); bytes
+always. Every video is opened by `pipeline.data.media.open_media` within the model config's `limits`
+(`pipeline.config.MediaLimits`, logged from the training's `data.limits`), which also bound the rows
+and video bytes of one request and the time spent on one row.
 
 Both are MLflow "models from code" (`serving_classifier.py`, `serving_network.py`) with the weights
 as a state dict loaded `weights_only=True`: loading runs the project's code shipped with the model,
@@ -18,7 +22,9 @@ training config. S3 endpoints and credentials come from the usual AWS environmen
 
 from __future__ import annotations
 
+import dataclasses
 import json
+import logging
 import shutil
 import tempfile
 import warnings
@@ -31,6 +37,9 @@ import mlflow.pyfunc
 import numpy as np
 
 from pipeline import PROJECT_ROOT
+from pipeline.config import MediaLimits
+
+log = logging.getLogger(__name__)
 
 WEIGHTS, PREPROCESS, LABELS = "weights.pt", "preprocess.json", "labels.json"
 DEFAULT_TOP_K = 5
@@ -88,23 +97,23 @@ def sample_indices(num_video_frames: int, preprocess: dict[str, Any], *, clip_in
                          clip_index=clip_index, num_clips=num_clips)
 
 
-def video_views(src, preprocess: dict[str, Any], *, frame_stride: int = 1) -> np.ndarray:
+def video_views(src, preprocess: dict[str, Any], *, frame_stride: int = 1, limits: MediaLimits = MediaLimits(),
+                deadline_s: float | None = None) -> np.ndarray:
     """uint8 (V, T, crop, crop, 3): the `test_clips` x `test_crops` views of one video, exactly the
-    evaluation views of `pipeline.data.clips` (one demux pass, decoded at the short side, then cropped)."""
+    evaluation views of `pipeline.data.clips` (one demux pass, decoded at the short side, then cropped;
+    a single centre crop is cut while decoding). `limits` and `deadline_s` bound the work on the video."""
     from pipeline.data.decode import VideoDecoder
-    from pipeline.data.transforms import center_crop, three_crops
+    from pipeline.data.transforms import three_crops
 
     num_clips, num_crops = int(preprocess["test_clips"]), int(preprocess["test_crops"])
     t, crop = int(preprocess["num_frames"]), int(preprocess["crop_size"])
-    with VideoDecoder(src) as video:
+    with VideoDecoder(src, limits=limits, deadline_s=deadline_s) as video:
         windows = [sample_indices(video.num_frames, preprocess, clip_index=c, num_clips=num_clips,
                                   frame_stride=frame_stride) for c in range(num_clips)]
-        frames = video.decode(np.concatenate(windows), size=int(preprocess["short_side"]))
-    views: list[np.ndarray] = []
-    for c in range(num_clips):
-        clip = frames[c * t:(c + 1) * t]
-        views += [center_crop(clip, size=crop)] if num_crops == 1 else three_crops(clip, size=crop)
-    return np.stack(views)
+        frames = video.decode(np.concatenate(windows), size=int(preprocess["short_side"]),
+                              center_crop=crop if num_crops == 1 else None)
+    clips = [frames[c * t:(c + 1) * t] for c in range(num_clips)]
+    return np.stack(clips if num_crops == 1 else [view for clip in clips for view in three_crops(clip, size=crop)])
 
 
 def view_probabilities(net, views_uint8: np.ndarray, *, mean, std, device):
@@ -145,39 +154,83 @@ def allowed_prefixes_from_env() -> list[str]:
     return [p.strip() for p in os.environ.get(ALLOWED_PREFIXES_ENV, "").split(",") if p.strip()]
 
 
-def check_allowed(uri: str, prefixes: Sequence[str]) -> None:
+def check_allowed(uri: str, prefixes: Sequence[str]) -> str:
     """Refuse a URI or local path outside `prefixes`: a served model reads with the server's own
     credentials and file system, so a caller must not choose what it reads. A prefix covers itself
     and what lies below it (`s3://bucket/clips` covers `s3://bucket/clips/a.mp4`, not `.../clips2`);
-    local paths are compared resolved (no `..` or symbolic-link escape)."""
+    local paths are compared resolved (no `..` or symbolic-link escape), and a path that FFmpeg would
+    read as a protocol (`concat:`, `subfile,`, `file:` ...) is never inside: resolved as a relative
+    path it would look like one below the working directory. Returns the URI, or the resolved path,
+    which is what must be read (resolving again could follow a link changed in between)."""
     from pipeline.data import storage
+    from pipeline.data.media import UnsupportedMedia, check_path
 
     if storage.is_s3(uri):
         # S3 keys are literal, but some clients normalise dot segments: refuse them outright.
         inside = "/../" not in uri + "/" and "/./" not in uri + "/" and any(
             uri == p.rstrip("/") or uri.startswith(p.rstrip("/") + "/") for p in prefixes if storage.is_s3(p))
+        resolved = uri
     else:
-        path = Path(storage.local_path(uri)).resolve()
+        try:
+            resolved = str(check_path(storage.local_path(uri)))
+        except (UnsupportedMedia, storage.StorageError):
+            raise PermissionError(f"{uri} is not a plain local path or S3 URI (FFmpeg would read it as a "
+                                  "protocol); send the video's bytes") from None
         roots = [Path(storage.local_path(p)).resolve() for p in prefixes if not storage.is_s3(p)]
-        inside = any(path == root or root in path.parents for root in roots)
+        inside = any(Path(resolved) == root or root in Path(resolved).parents for root in roots)
     if not inside:
         raise PermissionError(f"{uri} is outside the allowed prefixes ({', '.join(prefixes) or 'none'}); send "
                               f"the video's bytes, or allow its prefix with {ALLOWED_PREFIXES_ENV}")
+    return resolved
 
 
-def _video_source(value: Any, allowed: Sequence[str]):
-    """A local path or the bytes of one `video` / `video_bytes` value; URIs and paths only under `allowed`."""
+class RequestError(ValueError):
+    """A row or request the server refuses before reading anything; the message is fixed text."""
+
+
+def _video_source(value: Any, allowed: Sequence[str], limits: MediaLimits):
+    """A resolved local path or the bytes of one `video` / `video_bytes` value; URIs and paths only under
+    `allowed`, objects only up to `limits.max_object_mb` (refused from the response's size, unread)."""
     from pipeline.data import storage
+    from pipeline.data.media import max_bytes
 
     if isinstance(value, (bytes, bytearray, memoryview)):
         if not len(value):
-            raise ValueError("empty video bytes")
-        return bytes(value)
+            raise RequestError("empty video bytes")
+        return value
     if isinstance(value, str) and value:
-        check_allowed(value, allowed)
+        target = check_allowed(value, allowed)
         # Local files are decoded in place; objects are fetched whole (one request, then seeks in memory).
-        return storage.read_bytes(value) if storage.is_s3(value) else storage.local_path(value)
-    raise ValueError(f"expected a video URI or bytes, got {type(value).__name__}")
+        return storage.read_bytes(target, max_bytes=max_bytes(limits)) if storage.is_s3(target) else target
+    raise RequestError(f"expected a video URI or bytes, got {type(value).__name__}")
+
+
+def row_error(err: BaseException) -> str:
+    """What a caller is told about a row that could not be scored: the error's type and a short fixed
+    reason. Never FFmpeg's text, a path or the server's prefixes (a caller could learn which files exist)."""
+    from pipeline.data import storage
+
+    if isinstance(err, PermissionError):
+        reason = f"not an allowed video URI; send the video's bytes, or allow its prefix with {ALLOWED_PREFIXES_ENV}"
+    elif isinstance(err, RequestError):
+        reason = str(err)
+    elif isinstance(err, storage.NotFoundError):
+        reason = "no such video"
+    elif isinstance(err, storage.StorageError) and not isinstance(err, storage.ObjectTooLarge):
+        reason = "the video could not be read"
+    else:
+        reason = getattr(err, "reason", "") or "undecodable video"
+    return f"{type(err).__name__}: {reason}"
+
+
+def request_error(values: list[Any], limits: MediaLimits) -> str:
+    """Why a whole request is refused before any row is read ("" when it is not)."""
+    if len(values) > limits.max_request_rows:
+        return f"RequestError: over data.limits.max_request_rows={limits.max_request_rows} rows in one request"
+    sent = sum(len(v) for v in values if isinstance(v, (bytes, bytearray, memoryview)))
+    if sent > limits.max_request_mb * 2 ** 20:
+        return f"RequestError: over data.limits.max_request_mb={limits.max_request_mb:g} of video bytes in one request"
+    return ""
 
 
 def _row_values(df) -> list[Any]:
@@ -209,6 +262,9 @@ with warnings.catch_warnings():
             # else the server's environment; bytes are always accepted.
             config = context.model_config or {}
             self.allowed = list(config.get("allowed_prefixes") or allowed_prefixes_from_env())
+            # Logged from the training's data.limits; a loader (or MLFLOW_PYFUNC_INFERENCE_CONFIG) may
+            # override them. Unknown keys are an error, not ignored.
+            self.limits = MediaLimits(**(config.get("limits") or {}))
 
         def predict(self, context, model_input, params: dict[str, Any] | None = None):
             import pandas as pd
@@ -217,17 +273,25 @@ with warnings.catch_warnings():
             if not isinstance(model_input, pd.DataFrame):
                 model_input = pd.DataFrame({"video": list(model_input)})
             out = []
-            for value in _row_values(model_input):
+            values = _row_values(model_input)
+            refused = request_error(values, self.limits)
+            for value in values:
                 name = value if isinstance(value, str) else f"<{len(value) if value is not None else 0} bytes>"
+                failed = {"video": name, "label": "", "score": float("nan"), "labels": [], "scores": []}
+                if refused:
+                    out.append({**failed, "error": refused})
+                    continue
                 try:
-                    views = video_views(_video_source(value, self.allowed), self.preprocess)
+                    views = video_views(_video_source(value, self.allowed, self.limits), self.preprocess,
+                                        limits=self.limits, deadline_s=self.limits.row_deadline_s)
                     labels, scores = top_k(score_views(self.net, views, self.preprocess, self.device), self.labels, k)
                     out.append({"video": name, "label": labels[0], "score": scores[0], "labels": labels,
                                 "scores": scores, "error": ""})
                 except Exception as err:  # noqa: BLE001 - one bad video must not fail the others
-                    line = (str(err).strip().splitlines() or [""])[0][:300]
-                    out.append({"video": name, "label": "", "score": float("nan"), "labels": [], "scores": [],
-                                "error": f"{type(err).__name__}: {line}"})
+                    # The details stay in the server's log; the caller gets a fixed reason.
+                    log.warning("video %s not scored: %s: %s", name[:200], type(err).__name__,
+                                (str(err).strip().splitlines() or [""])[0][:300])
+                    out.append({**failed, "error": row_error(err)})
             return pd.DataFrame(out, columns=["video", "label", "score", "labels", "scores", "error"])
 
     class Network(mlflow.pyfunc.PythonModel):
@@ -327,9 +391,10 @@ def example_video(preprocess: dict[str, Any]) -> bytes:
 
 
 def log_pyfunc_model(state_dict: dict, preprocess: dict[str, Any], labels: Sequence[str], *, name: str,
-                     metadata: dict[str, Any] | None = None):
+                     metadata: dict[str, Any] | None = None, limits: MediaLimits = MediaLimits()):
     """The video classifier (`VideoClassifier`) with its weights, preprocessing config and label names,
-    and a tiny video's bytes as input example (base64 in the serving example)."""
+    and a tiny video's bytes as input example (base64 in the serving example); `limits` (the training's
+    data.limits) go to its model config, where a loader may override them."""
     import pandas as pd
 
     return _log_from_code("serving_classifier.py", state_dict, preprocess, labels, name=name,
@@ -337,7 +402,7 @@ def log_pyfunc_model(state_dict: dict, preprocess: dict[str, Any], labels: Seque
                           input_example=pd.DataFrame({"video_bytes": [example_video(preprocess)]}),
                           metadata=metadata or {},
                           # Declared so that a loader may set it; empty: UNIFORMER_SERVE_ALLOWED_PREFIXES decides.
-                          model_config={"allowed_prefixes": []})
+                          model_config={"allowed_prefixes": [], "limits": dataclasses.asdict(limits)})
 
 
 # ---------------------------------------------------------------------------------------------

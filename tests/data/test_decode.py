@@ -177,8 +177,8 @@ def test_fallback_for_streams_without_usable_timestamps(monkeypatch):
     reference = sequential(data)
     real = decode._frame_table
 
-    def unreliable(container, stream):
-        table = real(container, stream)
+    def unreliable(container, stream, *args):
+        table = real(container, stream, *args)
         return dataclasses.replace(table, reliable=False)
     monkeypatch.setattr(decode, "_frame_table", unreliable)
     np.testing.assert_array_equal(decode_frames(data, [40, 3, 90]), reference[[40, 3, NUM_FRAMES - 1]])

@@ -4,6 +4,7 @@ prefixes), one bad video per row, and MLflow's own model server answering reques
 from __future__ import annotations
 
 import base64
+import contextlib
 import dataclasses
 import json
 import os
@@ -17,6 +18,7 @@ import mlflow.artifacts
 import mlflow.pyfunc
 import numpy as np
 import pandas as pd
+import pytest
 import torch
 
 from pipeline.config import StorageConfig
@@ -24,6 +26,9 @@ from pipeline.data.clips import make_clip_rows
 from pipeline.tracking import serving
 from tests.conftest import free_port, wait_for_http
 from tests.tracking.conftest import LABELS, fake_training, tiny_config
+
+NOT_ALLOWED = ("PermissionError: not an allowed video URI; send the video's bytes, or allow its prefix with "
+               f"{serving.ALLOWED_PREFIXES_ENV}")
 
 
 def test_views_are_the_evaluation_views_of_the_data_pipeline(tiny_videos):
@@ -60,25 +65,38 @@ def test_classifier_takes_uris_or_bytes_and_reports_bad_videos(embedded, tiny_vi
     assert sorted(out["labels"][0]) == sorted(LABELS) and out["labels"][0] == out["labels"][1]
     np.testing.assert_allclose(out["scores"][0], out["scores"][1])
     assert out["label"][0] == out["labels"][0][0] and abs(sum(out["scores"][0]) - 1) < 1e-4
-    assert out["error"][2].startswith("DecodeError") and out["labels"][2] == []
-    assert "no/such.mp4" in out["error"][3] and "PermissionError" not in out["error"][3]
+    # Fixed reasons: never FFmpeg's text or a path.
+    assert out["error"][2] == "DecodeError: undecodable video" and out["labels"][2] == []
+    assert out["error"][3] == "NoSuchFile: no such video"
 
     # Outside the allowed prefixes: refused per row, before anything is read.
     outside = [str(tiny_videos["root"] / "train.txt"), f"{videos}/../train.txt", f"{videos}2/x.mp4",
                "s3://other-bucket/clips2/a.mp4", "s3://other-bucket/clips/../secret.mp4", "s3://bucket/clips/a.mp4"]
     refused = model.predict(pd.DataFrame({"video": outside}))
-    for uri, error in zip(outside, refused["error"]):
-        assert error.startswith(f"PermissionError: {uri} is outside the allowed prefixes (s3://other-bucket/clips, "
-                                f"{videos}); send the video's bytes"), error
+    assert list(refused["error"]) == [NOT_ALLOWED] * len(outside)
     monkeypatch.delenv(serving.ALLOWED_PREFIXES_ENV)
     closed = mlflow.pyfunc.load_model(f"runs:/{run_id}/video_classifier")
-    assert "outside the allowed prefixes (none)" in closed.predict(pd.DataFrame({"video": [tiny_videos["video"]]}))[
-        "error"][0]
+    assert closed.predict(pd.DataFrame({"video": [tiny_videos["video"]]}))["error"][0] == NOT_ALLOWED
     own = mlflow.pyfunc.load_model(f"runs:/{run_id}/video_classifier",
                                    model_config={"allowed_prefixes": [tiny_videos["video"]]})
     assert own.predict(pd.DataFrame({"video": [tiny_videos["video"]]}))["error"][0] == ""
     by_bytes = model.predict(pd.DataFrame({"video_bytes": [data]}))
     assert by_bytes["label"][0] == out["label"][0] and len(by_bytes["labels"][0]) == 3  # top 5 of 3 classes
+
+
+def test_allowed_prefixes_refuse_what_ffmpeg_reads_as_a_protocol(tmp_path, monkeypatch):
+    """Resolved as relative paths, `concat:` and `subfile,` names would lie below the working directory;
+    FFmpeg would then read the files named inside them."""
+    monkeypatch.chdir(tmp_path)
+    (tmp_path / "a.mp4").write_bytes(b"x")
+    (tmp_path / "link.mp4").symlink_to(tmp_path / "a.mp4")
+    for uri in ("concat:a.mp4|a.mp4", f"concat:{tmp_path}/a.mp4", "subfile,,start,0,end,0,,:a.mp4", "file:a.mp4",
+                "data:video/mp4;base64,AAAA", "pipe:0", "http:a.mp4"):
+        with pytest.raises(PermissionError, match="not a plain local path or S3 URI"):
+            serving.check_allowed(uri, [str(tmp_path)])
+    # What passes is handed on resolved: absolute, links followed.
+    assert serving.check_allowed("link.mp4", [str(tmp_path)]) == str(tmp_path / "a.mp4")
+    assert serving.check_allowed(f"file://{tmp_path}/a.mp4", [str(tmp_path)]) == str(tmp_path / "a.mp4")
 
 
 def test_served_network_has_folded_batchnorms_and_the_same_scores(embedded, tiny_videos):
@@ -99,36 +117,30 @@ def test_served_network_has_folded_batchnorms_and_the_same_scores(embedded, tiny
     assert not plain.batchnorm_folded and plain.state_dict().keys() == state.keys()
 
 
-def test_mlflow_models_serve_answers_bytes_and_allowed_uris(embedded, tiny_videos, tmp_path):
-    """`mlflow models serve -m models:/NAME@champion --env-manager local` in its own process: a request with
-    the video's bytes (base64), one with an allowed path, one with a path it must not read; and the model's
-    own serving input example works as a request."""
-    from pipeline.tracking import registry
+@contextlib.contextmanager
+def served(cfg, name: str, folder: Path, env: dict[str, str]):
+    """`mlflow models serve -m models:/NAME@champion --env-manager local` in its own process, working
+    directory `folder`; yields `invoke(body) -> predictions` and the server's process id."""
     from pipeline.tracking.runs import tracking_uri
 
-    cfg = tiny_config(manifest=tiny_videos["manifest"])
-    name = "uniformer-served"
-    registry.register(cfg, fake_training(cfg, val_top1=0.5), name)
-    registry.promote(cfg, name)
-    videos = tiny_videos["root"] / "videos"
     port = free_port()
     # The server runs `uvicorn` from PATH: this interpreter's environment's.
     env = {**os.environ, "MLFLOW_TRACKING_URI": tracking_uri(cfg),
-           serving.ALLOWED_PREFIXES_ENV: str(videos / "right"),
-           "PATH": f"{Path(sys.executable).parent}{os.pathsep}{os.environ.get('PATH', '')}"}
-    log = open(tmp_path / "serve.log", "wb")
+           "PATH": f"{Path(sys.executable).parent}{os.pathsep}{os.environ.get('PATH', '')}", **env}
+    log_path = folder / "serve.log"
+    log = open(log_path, "wb")
     proc = subprocess.Popen([sys.executable, "-m", "mlflow", "models", "serve", "-m", f"models:/{name}@champion",
                              "--env-manager", "local", "--host", "127.0.0.1", "--port", str(port)],
-                            cwd=tmp_path, env=env, stdout=log, stderr=subprocess.STDOUT)
+                            cwd=folder, env=env, stdout=log, stderr=subprocess.STDOUT)
     try:
         deadline = time.monotonic() + 180
         while True:
-            assert proc.poll() is None, (tmp_path / "serve.log").read_text()[-3000:]
+            assert proc.poll() is None, log_path.read_text()[-3000:]
             try:
                 wait_for_http(f"http://127.0.0.1:{port}/ping", timeout_s=2)
                 break
             except RuntimeError:
-                assert time.monotonic() < deadline, (tmp_path / "serve.log").read_text()[-3000:]
+                assert time.monotonic() < deadline, log_path.read_text()[-3000:]
 
         def invoke(body: dict) -> list[dict]:
             request = urllib.request.Request(f"http://127.0.0.1:{port}/invocations", data=json.dumps(body).encode(),
@@ -136,6 +148,25 @@ def test_mlflow_models_serve_answers_bytes_and_allowed_uris(embedded, tiny_video
             with urllib.request.urlopen(request, timeout=120) as response:
                 return json.loads(response.read())["predictions"]
 
+        yield invoke, proc.pid
+    finally:
+        proc.terminate()
+        proc.wait(timeout=30)
+        log.close()
+
+
+def test_mlflow_models_serve_answers_bytes_and_allowed_uris(embedded, tiny_videos, tmp_path):
+    """`mlflow models serve -m models:/NAME@champion --env-manager local` in its own process: a request with
+    the video's bytes (base64), one with an allowed path, one with a path it must not read; and the model's
+    own serving input example works as a request."""
+    from pipeline.tracking import registry
+
+    cfg = tiny_config(manifest=tiny_videos["manifest"])
+    name = "uniformer-served"
+    registry.register(cfg, fake_training(cfg, val_top1=0.5), name)
+    registry.promote(cfg, name)
+    videos = tiny_videos["root"] / "videos"
+    with served(cfg, name, tmp_path, {serving.ALLOWED_PREFIXES_ENV: str(videos / "right")}) as (invoke, _):
         data = open(tiny_videos["video"], "rb").read()
         by_bytes = invoke({"dataframe_split": {"columns": ["video_bytes"],
                                                "data": [[base64.b64encode(data).decode()]]}, "params": {"top_k": 2}})
@@ -143,14 +174,69 @@ def test_mlflow_models_serve_answers_bytes_and_allowed_uris(embedded, tiny_video
         by_uri = invoke({"dataframe_records": [{"video": tiny_videos["video"]},
                                                {"video": str(videos / "left" / "left_0000.mp4")}]})
         assert by_uri[0]["error"] == "" and by_uri[0]["labels"] == [*by_bytes[0]["labels"], *by_uri[0]["labels"][2:]]
-        assert by_uri[1]["error"].startswith("PermissionError: ")
-        assert "outside the allowed prefixes" in by_uri[1]["error"]
+        assert by_uri[1]["error"] == NOT_ALLOWED
 
         local = Path(mlflow.artifacts.download_artifacts(f"models:/{name}@champion", dst_path=str(tmp_path / "m")))
         example = json.loads((local / "serving_input_example.json").read_text())
         assert list(example) == ["dataframe_split"] and example["dataframe_split"]["columns"] == ["video_bytes"]
         assert invoke(example)[0]["error"] == ""
-    finally:
-        proc.terminate()
-        proc.wait(timeout=30)
-        log.close()
+
+
+def test_mlflow_models_serve_answers_the_hostile_corpus_with_fixed_reasons(embedded, tiny_videos, tmp_path):
+    """The hostile corpus (tests/data/hostile.py) against a real server whose working directory holds the
+    corpus and is its allowed prefix: every row gets its short fixed reason (never a path or FFmpeg's
+    text), requests over the row and byte limits are refused whole, the server's memory stays bounded,
+    and a real video sent afterwards gets the answer it got before."""
+    import psutil
+
+    from pipeline.tracking import registry
+    from tests.data.hostile import MULTI_GB, PRIVATE, REFUSED, write_corpus
+
+    cfg = tiny_config(manifest=tiny_videos["manifest"])
+    name = "uniformer-hostile"
+    registry.register(cfg, fake_training(cfg, val_top1=0.5), name)
+    registry.promote(cfg, name)
+    folder = tmp_path / "corpus"
+    cases = write_corpus(folder)
+    # Request limits lowered through MLflow's own override of the logged model config.
+    env = {serving.ALLOWED_PREFIXES_ENV: str(folder),
+           "MLFLOW_PYFUNC_INFERENCE_CONFIG": json.dumps({"limits": {"max_request_rows": 20, "max_request_mb": 1}})}
+
+    def as_bytes(blobs: list[bytes]) -> dict:
+        return {"dataframe_split": {"columns": ["video_bytes"], "data": [[base64.b64encode(b).decode()] for b in blobs]}}
+
+    with served(cfg, name, folder, env) as (invoke, pid):
+        real = open(tiny_videos["video"], "rb").read()
+        before = invoke(as_bytes([real]))[0]
+        assert before["error"] == ""
+        server = psutil.Process(pid)
+
+        def rss() -> int:
+            return sum(p.memory_info().rss for p in [server, *server.children(recursive=True)])
+
+        baseline = rss()
+        sent = {k: c for k, c in cases.items() if c.is_file and os.path.getsize(c.source) < MULTI_GB}
+        answers = invoke(as_bytes([Path(c.source).read_bytes() for c in sent.values()]))
+        assert {k: a["error"] for k, a in zip(sent, answers)} == {k: c.server_error for k, c in sent.items()}
+        assert all(a["labels"] == [] for a in answers)
+
+        # The same cases as paths below the allowed prefix; protocol paths are not paths at all, even
+        # relative ones that would resolve below the working directory.
+        paths = {**{k: c.source for k, c in cases.items()}, "relative_concat": f"concat:{PRIVATE}|{PRIVATE}"}
+        expected = {k: c.server_error if c.is_file or k == "image2_pattern" else NOT_ALLOWED for k, c in cases.items()}
+        expected["relative_concat"] = NOT_ALLOWED
+        answers = invoke({"dataframe_records": [{"video": p} for p in paths.values()]})
+        assert {k: a["error"] for k, a in zip(paths, answers)} == expected
+        assert expected["image2_pattern"] == REFUSED
+
+        rows = invoke(as_bytes([b"x"] * 21))
+        assert [r["error"] for r in rows] == ["RequestError: over data.limits.max_request_rows=20 rows in one request"] * 21
+        big = invoke(as_bytes([real, bytes(1_200_000)]))
+        assert [r["error"] for r in big] == ["RequestError: over data.limits.max_request_mb=1 of video bytes in one "
+                                             "request"] * 2
+
+        # Before the limits, the 16384x2 clip alone grew a server by 2.1 GiB.
+        assert rss() - baseline < 300 * 2 ** 20, (baseline, rss())
+        after = invoke(as_bytes([real]))[0]
+        assert after["error"] == "" and after["labels"] == before["labels"]
+        np.testing.assert_allclose(after["scores"], before["scores"], atol=1e-6)
