@@ -43,12 +43,11 @@ def decode_tasks(stats: str) -> int:
 
 
 def consume(loop_config: dict) -> None:
-    import ray
     import ray.train
     import torch
     import torch.distributed as dist
 
-    from pipeline.data.clips import select_rows
+    from pipeline.data.clips import node_tag, select_rows
     from pipeline.data.manifest import read_manifest
     from pipeline.training.ingest import TRAIN, steps_per_epoch
 
@@ -60,7 +59,7 @@ def consume(loop_config: dict) -> None:
     steps = steps_per_epoch(cfg, rows.num_rows)
     micro = cfg.train.batch_size // world
     step_s = loop_config["step_ms"] / 1000
-    node = ray.get_runtime_context().get_node_id()
+    node = node_tag()
     shard = ray.train.get_dataset_shard(TRAIN)
     batches = iter(shard.iter_batches(batch_size=micro, drop_last=True, batch_format="numpy", prefetch_batches=2))
     clips, clip_bytes, crossed_bytes, wait_s, t0 = 0, 0, 0, 0.0, time.perf_counter()

@@ -208,29 +208,35 @@ def decode_placement(data: DataConfig) -> dict[str, Any]:
     return placement
 
 
+def node_tag() -> int:
+    """This process's Ray node as an int64 (the first 60 bits of its id): what the `decode_node` column
+    holds, numeric so that every batch format takes it."""
+    import ray
+
+    return int(ray.get_runtime_context().get_node_id()[:15], 16)
+
+
 def _train_task_clips(batch: dict[str, np.ndarray], *, rows: pa.Table, first_epoch: int, tasks_per_epoch: int,
                       videos_per_epoch: int, per_task: int, data: DataConfig, storage: StorageConfig,
                       seed: int) -> Iterator[dict[str, np.ndarray]]:
     """The clips of the training tasks numbered in `batch["id"]`: task t decodes slice t % T of epoch
     first_epoch + t // T's order; every draw comes from (seed, epoch, video)."""
-    import ray
-
-    node = ray.get_runtime_context().get_node_id()
+    node = node_tag()
     for task in batch["id"].tolist():
         epoch, slot = first_epoch + task // tasks_per_epoch, task % tasks_per_epoch
         order = epoch_order(rows.num_rows, seed=seed, epoch=epoch)[:videos_per_epoch]
         for row in rows.take(order[slot * per_task:(slot + 1) * per_task]).to_pylist():
             clips = stack_rows(make_clip_rows(row, data=data, storage=storage, training=True, seed=seed, epoch=epoch))
             yield {**clips, "epoch": np.full(len(clips["label"]), epoch, dtype=np.int64),
-                   "decode_node": np.full(len(clips["label"]), node)}
+                   "decode_node": np.full(len(clips["label"]), node, dtype=np.int64)}
 
 
 def training_stream(manifest: pa.Table, *, split: str, data: DataConfig, storage: StorageConfig, seed: int,
                     epochs: range, videos_per_epoch: int):
     """One Ray Dataset of every training clip of `epochs`, for all workers together (Ray Train splits
     it): per epoch the first `videos_per_epoch` usable videos of the (seed, epoch) order, each giving
-    `data.repeated_aug` clips, with `epoch` and `decode_node` (the Ray node id that decoded the clip)
-    columns besides the usual ones.
+    `data.repeated_aug` clips, with `epoch` and `decode_node` (`node_tag()` of the node that decoded the
+    clip) columns besides the usual ones.
 
     The source is one small row per decode task (`range`, one block per epoch, cut into one-row
     blocks as it streams), so starting costs nothing per epoch or per worker, and the number of

@@ -132,8 +132,7 @@ class TrainBatch(NumpyBatchCollateFn):
         return tensor.pin_memory() if self.pin else tensor
 
     def __call__(self, batch: dict[str, np.ndarray]) -> dict:
-        out = {key: self._host(value) if value.dtype.kind in "biuf" else value.tolist()  # text stays text
-               for key, value in batch.items() if key != "clip"}
+        out = {key: self._host(value) for key, value in batch.items() if key != "clip"}
         out["clip"] = [self._host(clip) for clip in batch["clip"]] if "crop" in batch else self._host(batch["clip"])
         return out
 

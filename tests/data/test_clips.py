@@ -7,7 +7,7 @@ import pyarrow as pa
 import pytest
 
 from pipeline.config import DataConfig, StorageConfig
-from pipeline.data.clips import epoch_order, make_clip_rows, select_rows, training_stream, view_dataset
+from pipeline.data.clips import epoch_order, make_clip_rows, node_tag, select_rows, training_stream, view_dataset
 from pipeline.data.manifest import to_table
 from pipeline.data.synth import synth_dataset
 
@@ -198,6 +198,7 @@ def test_device_stream_batches_collate_to_clips_on_the_device(manifest, ray_loca
                          videos_per_epoch=7)
     batches = list(ds.iter_torch_batches(batch_size=4, collate_fn=TrainBatch(pin=False)))
     assert all(isinstance(b["clip"], list) and b["flip"].dtype == torch.bool for b in batches)
+    assert all((b["decode_node"] == node_tag()).all() for b in batches)  # one node here: decoded beside us
     clips = torch.cat([clips_on_device(b, ON_DEVICE, torch.device("cpu")) for b in batches])
     valid = torch.cat([b["valid"] for b in batches])
     assert clips.shape == (7 * 2, 4, 32, 32, 3) and int((~valid).sum()) == 2
