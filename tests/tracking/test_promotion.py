@@ -45,6 +45,23 @@ def test_mcnemar_exact_p_is_the_binomial_tail():
     assert gate.mcnemar_exact_p(9, 1) == pytest.approx(11 / 1024)
 
 
+def _log_space_tail(a: int, b: int) -> float:
+    """P(X >= a), X ~ Binomial(a + b, 1/2), summed in log space (a reference that stays fast)."""
+    n = a + b
+    logs = [math.lgamma(n + 1) - math.lgamma(k + 1) - math.lgamma(n - k + 1) - n * math.log(2) for k in range(a, n + 1)]
+    top = max(logs)
+    return math.exp(top) * sum(math.exp(x - top) for x in logs)
+
+
+def test_mcnemar_exact_p_at_ten_thousand_discordant_videos():
+    """At 10,000 discordant videos the tail agrees with a log-space sum, far into the tail too, and
+    the two tails of one split add up to 1 (X >= a and X <= a - 1 = X >= b + 1 by symmetry)."""
+    for a, b in ((5100, 4900), (5500, 4500)):
+        assert gate.mcnemar_exact_p(a, b) == pytest.approx(_log_space_tail(a, b), rel=1e-9)
+    assert 0.02 < gate.mcnemar_exact_p(5100, 4900) < 0.03 and 0 < gate.mcnemar_exact_p(5500, 4500) < 1e-20
+    assert gate.mcnemar_exact_p(5100, 4900) + gate.mcnemar_exact_p(4901, 5099) == pytest.approx(1.0, abs=1e-12)
+
+
 def test_paired_comparison_uses_videos_both_scored_and_ties_never_promote():
     ours = _table([True] * 10 + [False] * 5 + [True, None])
     theirs = _table([False] * 9 + [True] + [False] * 5 + [None, True])
