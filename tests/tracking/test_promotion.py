@@ -168,8 +168,16 @@ def test_promotion_is_a_paired_test_on_logged_evaluations(embedded, paired_manif
     assert float(tags["promotion.challenger_value"]) == 25 / 30 and float(tags["promotion.champion_value"]) == 0.5
     assert tags["promotion.champion_version"] == "1" and tags["promotion.confidence"] == "0.99"
     assert client.get_model_version(name, "1").tags["promotion.replaced_by"] == "2"
-    assert not [k for k in client.get_registered_model(name).tags if k.startswith(registry.LOCK_PREFIX)]
+    assert registry.holder(client, name) is None
     assert registry.promote(cfg, name)["decision"] == "unchanged"
+
+    # Both decisions on version 2 are kept, in order; the tags summarise the newest.
+    kept = registry.decisions(client, name, 2)
+    assert [(d["decision"], d["p_value"], d["champion_version"]) for d in kept] == [("rejected", 0.5, 1),
+                                                                                   ("promoted", 1 / 1024, 1)]
+    assert kept[0]["lock"]["generation"] < kept[1]["lock"]["generation"] and kept[1]["test"]["challenger_only"] == 10
+    assert tags["promotion.record"] == f"promotion/{name}/v2/decision-{kept[1]['lock']['generation']}.json"
+    assert decided["record"] == f"runs:/{run_b}/{tags['promotion.record']}"
 
     # The version's metrics are its logged model's, keyed by dataset; no metric tags.
     metrics = registry.model_metrics(client, version_model_id(client.get_model_version(name, "2")))
@@ -219,4 +227,4 @@ def test_two_promotes_at_once_leave_one_champion_and_truthful_decisions(mlflow_s
     assert str(client.get_model_version_by_alias(name, "champion").version) == "2"
     assert client.get_model_version(name, "2").tags["promotion.champion_version"] == "1"
     assert client.get_model_version(name, "1").tags["promotion.replaced_by"] == "2"
-    assert not [k for k in client.get_registered_model(name).tags if k.startswith(registry.LOCK_PREFIX)]
+    assert registry.holder(client, name) is None
