@@ -25,7 +25,8 @@ from pipeline.data.storage import StorageError
 from pipeline.tracking import gate
 from pipeline.tracking import predictions as pred
 from pipeline.tracking.logged_models import PYFUNC_MODEL_NAME
-from pipeline.tracking.promotion_lock import LOCK_TTL_S, LockError, PromotionLock, holder, promotion_lock
+from pipeline.tracking.promotion_lock import (LOCK_TTL_S, STOP_ENV, LockError, PromotionLock, holder,  # noqa: F401
+                                              promotion_lock)
 from pipeline.tracking.runs import param_value, client_for
 
 CHALLENGER, CHAMPION = "challenger", "champion"
@@ -137,6 +138,9 @@ def _evaluate_now(cfg: Config, name: str, version, manifest_uri: str, key_hash: 
         raise RegistryError(f"the challenger's evaluation manifest {manifest_uri} has changed since it was "
                             f"measured (hash {key_hash[:12]} then, {manifest_hash(table)[:12]} now); evaluate "
                             "both versions on one manifest with `uniformer evaluate` and register again")
+    splits = set(table.column("split").to_pylist()) - {None}
+    if split not in splits:  # before loading a model: a mistyped --eval-split is common
+        raise RegistryError(f"the manifest {manifest_uri} has no split {split!r}; its splits: {', '.join(sorted(splits))}")
     evaluation = run_evaluation(cfg, f"models:/{name}/{version.version}", manifest_uri, split=split, views=views,
                                 manifest=table)
     if log:

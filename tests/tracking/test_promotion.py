@@ -6,6 +6,7 @@ from __future__ import annotations
 import json
 import math
 import os
+import signal
 import subprocess
 import sys
 import time
@@ -187,6 +188,38 @@ def test_promotion_is_a_paired_test_on_logged_evaluations(embedded, paired_manif
     assert not [k for k in tags if k.startswith(("metric.", "val_", "eval_top"))]
 
 
+def test_eval_split_judges_both_versions_on_a_held_out_split(embedded, held_out_manifest, capsys):
+    """Version 2 is clearly better on the validation split it was selected on, and no better on the
+    held-out `test` split: promote judges on `val` by default and on `test` with --eval-split test."""
+    from jobs import promote as promote_job
+
+    name = "uniformer-held-out"
+    cfg = tiny_config(manifest=held_out_manifest)
+    client = client_for(cfg)
+    run_id = fake_training(cfg, val_top1=0.5, seed=0)
+    fake_evaluation(cfg, run_id, held_out_manifest, [True] * 15 + [False] * 15)
+    fake_evaluation(cfg, run_id, held_out_manifest, [True] * 20 + [False] * 10, split="test")
+    registry.register(cfg, run_id, name)
+    registry.promote(cfg, name)
+    fake_training(cfg, val_top1=0.9, seed=1)
+    fake_evaluation(cfg, run_id, held_out_manifest, [True] * 25 + [False] * 5)
+    fake_evaluation(cfg, run_id, held_out_manifest, [True] * 20 + [False] * 10, split="test")
+    registry.register(cfg, run_id, name)
+
+    on_val = registry.promote(cfg, name, dry_run=True)
+    assert (on_val["decision"], on_val["split"], on_val["test"]["challenger_only"]) == ("promoted", "val", 10)
+    capsys.readouterr()
+    promote_job.main(["--name", name, "--eval-split", "test"])
+    held_out = json.loads(capsys.readouterr().out.strip().splitlines()[-1])
+    assert (held_out["decision"], held_out["split"]) == ("rejected", "test") and "not better" in held_out["reason"]
+    assert held_out["test"]["paired_videos"] == 30 and held_out["test"]["challenger_only"] == 0
+    assert client.get_model_version(name, "2").tags["promotion.split"] == "test"
+    assert registry.decisions(client, name, 2)[-1]["split"] == "test"
+    assert str(client.get_model_version_by_alias(name, "champion").version) == "1"
+    nowhere = registry.promote(cfg, name, eval_split="tset", dry_run=True)
+    assert nowhere["decision"] == "refused" and "has no split 'tset'; its splits: test, train, val" in nowhere["reason"]
+
+
 def test_two_promotes_at_once_leave_one_champion_and_truthful_decisions(mlflow_server, paired_manifest, tmp_path):
     """Both processes decide against champion 1 while the test holds the promotion lock; once it is free,
     one moves the alias and the other sees the champion moved, decides again and reports `unchanged`."""
@@ -227,4 +260,66 @@ def test_two_promotes_at_once_leave_one_champion_and_truthful_decisions(mlflow_s
     assert str(client.get_model_version_by_alias(name, "champion").version) == "2"
     assert client.get_model_version(name, "2").tags["promotion.champion_version"] == "1"
     assert client.get_model_version(name, "1").tags["promotion.replaced_by"] == "2"
+    assert registry.holder(client, name) is None
+
+
+def _stopped(pid: int) -> bool:
+    """Whether the process is stopped by a signal (state T in /proc/<pid>/stat, after the command name)."""
+    return Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()[0] == "T"
+
+
+def test_a_promoter_stalled_past_the_lock_ttl_loses_the_lock_and_moves_nothing(mlflow_server, paired_manifest,
+                                                                               tmp_path, capsys):
+    """Promoter A decides on version 2, takes the lock (3 s ttl) and stops itself right there (SIGSTOP, as a
+    stalled host would). Version 3 is registered; promoter B (this process) waits until A's lock is
+    expired by the server's clock, breaks it and promotes version 3. A, resumed by SIGCONT, finds the lock
+    is no longer its own: it moves nothing, records lost_lock and exits 1. The champion is B's decision."""
+    name = "uniformer-stall"
+    cfg = tiny_config(mlflow_server, manifest=paired_manifest)
+    client = client_for(cfg)
+    run_id = fake_training(cfg, val_top1=0.5, seed=0)
+    fake_evaluation(cfg, run_id, paired_manifest, [True, False] * 15)
+    registry.register(cfg, run_id, name)
+    registry.promote(cfg, name)
+    fake_training(cfg, val_top1=0.8, seed=1)
+    fake_evaluation(cfg, run_id, paired_manifest, [True] * 25 + [False] * 5)
+    registry.register(cfg, run_id, name)
+    fake_training(cfg, val_top1=0.9, seed=2)  # the logged model version 3 will be registered from
+    fake_evaluation(cfg, run_id, paired_manifest, [True] * 30)
+
+    err_path = tmp_path / "stalled.err"
+    with open(err_path, "w") as err:
+        stalled = subprocess.Popen(
+            [sys.executable, "-m", "jobs.promote", "--name", name, "--lock-ttl", "3",
+             f"tracking.tracking_uri={mlflow_server}"], cwd=ROOT, stdout=subprocess.PIPE, stderr=err, text=True,
+            env={**os.environ, "PYTHONPATH": str(ROOT), registry.STOP_ENV: "1"})
+    try:
+        deadline = time.monotonic() + 240
+        while not _stopped(stalled.pid):
+            assert stalled.poll() is None and time.monotonic() < deadline, err_path.read_text()[-3000:]
+            time.sleep(0.1)
+        assert "holding the promotion lock" in err_path.read_text()
+        assert registry.holder(client, name) is not None
+
+        registry.register(cfg, run_id, name)
+        capsys.readouterr()
+        fresh = registry.promote(cfg, name)
+        assert (fresh["decision"], fresh["challenger"]["version"], fresh["champion"]["version"]) == ("promoted", 3, 1)
+        assert "broke the expired promotion lock" in capsys.readouterr().err
+    finally:
+        os.kill(stalled.pid, signal.SIGCONT)
+    stdout, _ = stalled.communicate(timeout=120)
+    assert stalled.returncode == 1, err_path.read_text()[-3000:]
+    lost = json.loads(stdout.strip().splitlines()[-1])
+    assert lost["decision"] == "lost_lock" and lost["challenger"]["version"] == 2
+    assert "lost the promotion lock" in lost["reason"] and "its decision was promoted" in lost["reason"]
+    assert "uniformer promote: lost_lock: lost the promotion lock" in err_path.read_text()
+
+    # One coherent decision: B's. A wrote no summary tag and moved no alias; its attempt is on record.
+    assert str(client.get_model_version_by_alias(name, "champion").version) == "3"
+    assert client.get_model_version(name, "1").tags["promotion.replaced_by"] == "3"
+    assert client.get_model_version(name, "3").tags["promotion.champion_version"] == "1"
+    assert "promotion.decision" not in client.get_model_version(name, "2").tags
+    assert [d["decision"] for d in registry.decisions(client, name, 2)] == ["lost_lock"]
+    assert [d["decision"] for d in registry.decisions(client, name, 3)] == ["promoted"]
     assert registry.holder(client, name) is None
