@@ -263,6 +263,32 @@ def test_two_promotes_at_once_leave_one_champion_and_truthful_decisions(mlflow_s
     assert registry.holder(client, name) is None
 
 
+def test_the_lock_ignores_the_local_clock_and_is_broken_only_when_expired(mlflow_server, monkeypatch):
+    """A host whose clock runs years ahead waits for a live lock (expiry is the server's clock); a
+    crashed holder's generation past its ttl is taken over by creating the next one, and the older
+    generations are cleaned up."""
+    from pipeline.tracking.promotion_lock import generations, lock_name
+
+    name = "uniformer-lock"
+    client = client_for(tiny_config(mlflow_server))
+    with registry.promotion_lock(client, name) as first:
+        monkeypatch.setattr(time, "time", lambda: 4e9)  # year 2096 on this host only
+        with pytest.raises(registry.LockError, match=f"lock of '{name}' stayed taken for 1 s .*generation "
+                                                     f"{first.generation}"):
+            with registry.promotion_lock(client, name, timeout_s=1):
+                pass
+        monkeypatch.undo()
+        assert first.held()
+    assert not first.held() and registry.holder(client, name) is None
+
+    gone = first.generation + 1  # a promoter that crashed holding the lock, its ttl spent by any clock
+    client.create_registered_model(lock_name(name, gone), tags={"owner": "x", "host": "gone", "pid": "1", "ttl_s": "-1"})
+    assert registry.holder(client, name) is None
+    with registry.promotion_lock(client, name, timeout_s=5) as second:
+        assert second.generation == gone + 1 and second.held()
+        assert set(generations(client, name)) == {second.generation}
+
+
 def _stopped(pid: int) -> bool:
     """Whether the process is stopped by a signal (state T in /proc/<pid>/stat, after the command name)."""
     return Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()[0] == "T"
