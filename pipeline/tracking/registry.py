@@ -7,6 +7,8 @@ A version's tags say where it is to be judged (`eval_manifest_hash`, `eval_manif
 model (training validation and every evaluation, keyed by dataset), not version tags. The evidence
 for promotion is the per-video prediction table (`predictions.parquet`) of the evaluation runs of
 each version's logged model, keyed by manifest hash, split and views (`pipeline.tracking.predictions`).
+Each decision is kept as its own JSON record in the challenger's run (`decisions` reads them back);
+promoters apply decisions under `pipeline.tracking.promotion_lock`.
 """
 
 from __future__ import annotations
@@ -15,7 +17,7 @@ import json
 import tempfile
 import time
 from dataclasses import dataclass, field
-from typing import Any, Iterator
+from typing import Any
 
 from mlflow.exceptions import MlflowException
 from mlflow.tracking import MlflowClient
