@@ -236,7 +236,7 @@ def test_two_promotes_at_once_leave_one_champion_and_truthful_decisions(mlflow_s
 
     env = {**os.environ, "PYTHONPATH": str(ROOT)}
     command = [sys.executable, "-m", "jobs.promote", "--name", name, f"tracking.tracking_uri={mlflow_server}"]
-    with registry.promotion_lock(client, name):
+    with registry.promotion_lock(client, name, ttl_s=3600):  # held until both wait, however slow their start
         procs = []
         for i in range(2):
             err = open(tmp_path / f"promote{i}.err", "w")
