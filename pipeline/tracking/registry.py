@@ -7,20 +7,17 @@ A version's tags say where it is to be judged (`eval_manifest_hash`, `eval_manif
 model (training validation and every evaluation, keyed by dataset), not version tags. The evidence
 for promotion is the per-video prediction table (`predictions.parquet`) of the evaluation runs of
 each version's logged model, keyed by manifest hash, split and views (`pipeline.tracking.predictions`).
+Each decision is kept as its own JSON record in the challenger's run (`decisions` reads them back);
+promoters apply decisions under `pipeline.tracking.promotion_lock`.
 """
 
 from __future__ import annotations
 
-import contextlib
-import os
-import random
-import socket
-import sys
+import json
 import tempfile
 import time
-import uuid
 from dataclasses import dataclass, field
-from typing import Any, Iterator
+from typing import Any
 
 from mlflow.exceptions import MlflowException
 from mlflow.tracking import MlflowClient
@@ -30,12 +27,13 @@ from pipeline.data.storage import StorageError
 from pipeline.tracking import gate
 from pipeline.tracking import predictions as pred
 from pipeline.tracking.logged_models import PYFUNC_MODEL_NAME
+from pipeline.tracking.promotion_lock import (LOCK_TTL_S, STOP_ENV, LockError, PromotionLock, holder,  # noqa: F401
+                                              promotion_lock)
 from pipeline.tracking.runs import param_value, client_for
 
 CHALLENGER, CHAMPION = "challenger", "champion"
 EVAL_KEYS = ("eval_manifest_hash", "eval_manifest_uri", "eval_split")
-LOCK_PREFIX = "promotion.lock."
-LOCK_TTL_S = 120  # a lock entry older than this is a crashed promoter's (its holder does a few writes only)
+DECISIONS = "promotion"  # artifact folder of the challenger's run: <name>/v<version>/decision-<lock generation>.json
 MAX_ATTEMPTS = 3  # decisions made again when the aliases moved while deciding
 
 
@@ -142,6 +140,9 @@ def _evaluate_now(cfg: Config, name: str, version, manifest_uri: str, key_hash: 
         raise RegistryError(f"the challenger's evaluation manifest {manifest_uri} has changed since it was "
                             f"measured (hash {key_hash[:12]} then, {manifest_hash(table)[:12]} now); evaluate "
                             "both versions on one manifest with `uniformer evaluate` and register again")
+    splits = set(table.column("split").to_pylist()) - {None}
+    if split not in splits:  # before loading a model: a mistyped --eval-split is common
+        raise RegistryError(f"the manifest {manifest_uri} has no split {split!r}; its splits: {', '.join(sorted(splits))}")
     evaluation = run_evaluation(cfg, f"models:/{name}/{version.version}", manifest_uri, split=split, views=views,
                                 manifest=table)
     if log:
@@ -155,7 +156,7 @@ def _evaluate_now(cfg: Config, name: str, version, manifest_uri: str, key_hash: 
 
 @dataclass
 class Decision:
-    decision: str  # promoted | rejected | refused | unchanged
+    decision: str  # promoted | rejected | refused | unchanged | lost_lock
     reason: str
     challenger: dict[str, Any]
     champion: dict[str, Any] | None
@@ -171,14 +172,16 @@ def _alias(client: MlflowClient, name: str, alias: str):
 
 
 def _decide(cfg: Config, client: MlflowClient, name: str, challenger, champion, *, metric: str, confidence: float,
-            min_delta: float, dry_run: bool) -> Decision:
+            min_delta: float, eval_split: str | None, dry_run: bool) -> Decision:
     ch_info = {"version": int(challenger.version), "run_id": challenger.run_id}
     if champion is None:
         return Decision("promoted", "no champion yet", ch_info, None)
     champ_info = {"version": int(champion.version), "run_id": champion.run_id}
     if champion.version == challenger.version:
         return Decision("unchanged", f"version {challenger.version} is already {CHAMPION}", ch_info, champ_info)
-    manifest_hash, split = challenger.tags.get("eval_manifest_hash", ""), challenger.tags.get("eval_split", "val")
+    # A named held-out split of the same manifest when asked, else the challenger's own validation split.
+    manifest_hash = challenger.tags.get("eval_manifest_hash", "")
+    split = eval_split or challenger.tags.get("eval_split", "val")
     manifest_uri = challenger.tags.get("eval_manifest_uri", "")
     if not manifest_hash:
         return Decision("refused", f"challenger version {challenger.version} has no evaluation data (tag "
@@ -206,46 +209,19 @@ def _decide(cfg: Config, client: MlflowClient, name: str, challenger, champion, 
                     {"manifest_hash": key.manifest_hash, "split": key.split, "views": key.views})
 
 
-@contextlib.contextmanager
-def promotion_lock(client: MlflowClient, name: str, *, timeout_s: float = 300.0) -> Iterator[str]:
-    """Mutual exclusion between promoters of `name` through registered-model tags (the registry has no
-    compare-and-set). Each promoter writes its own tag `promotion.lock.<token>`, then reads all: it
-    holds the lock only when it sees no other live entry, else it deletes its entry and retries after
-    a random pause. Two holders at once would each have read before the other wrote, impossible as
-    each reads after its own write on one database. Entries expire after LOCK_TTL_S (a crashed
-    holder); expiry times are the writers' clocks, so hosts must agree on time within seconds."""
-    token = f"{socket.gethostname()}-{os.getpid()}-{uuid.uuid4().hex[:8]}"
-    mine = LOCK_PREFIX + token
-    deadline = time.monotonic() + timeout_s
-    told = False
-    while True:
-        client.set_registered_model_tag(name, mine, f"{time.time() + LOCK_TTL_S:.3f}")
-        now = time.time()
-        tags = client.get_registered_model(name).tags
-        entries = {k: float(v) for k, v in tags.items() if k.startswith(LOCK_PREFIX)}
-        for stale in [k for k, expiry in entries.items() if expiry <= now and k != mine]:
-            with contextlib.suppress(MlflowException):  # another waiter may clean it up first
-                client.delete_registered_model_tag(name, stale)
-        holders = [k[len(LOCK_PREFIX):] for k, expiry in entries.items() if expiry > now and k != mine]
-        if not holders:
-            break
-        client.delete_registered_model_tag(name, mine)
-        if time.monotonic() > deadline:
-            raise RegistryError(f"the promotion lock of {name!r} stayed taken for {timeout_s:.0f} s (by "
-                                f"{', '.join(holders)}); retry, or delete a stale tag {LOCK_PREFIX}... on the model")
-        if not told:
-            print(f"promote: waiting for the promotion lock of {name!r} (held by {', '.join(holders)})",
-                  file=sys.stderr, flush=True)
-            told = True
-        time.sleep(random.uniform(0.2, 1.0))
-    try:
-        yield token
-    finally:
-        client.delete_registered_model_tag(name, mine)
+def _apply(client: MlflowClient, name: str, challenger, champion, decision: Decision) -> None:
+    if decision.decision == "promoted":
+        client.set_registered_model_alias(name, CHAMPION, challenger.version)
+        if champion is not None:
+            client.set_model_version_tag(name, champion.version, "promotion.replaced_by", challenger.version)
 
 
-def _record(client: MlflowClient, name: str, challenger, champion, decision: Decision, *, metric: str,
-            confidence: float, min_delta: float) -> None:
+def _record(client: MlflowClient, lock: PromotionLock, challenger, champion, decision: Decision, *, metric: str,
+            confidence: float, min_delta: float) -> str:
+    """Keep the decision as `promotion/<name>/v<version>/decision-<lock generation>.json` in the challenger's
+    run (a new file per decision: generations of a name's lock are never reused, so a re-decision never
+    overwrites an earlier one; a run may hold several versions) and, while the lock is ours, summarise it
+    as the challenger's `promotion.*` tags. Returns the record's URI."""
     test = decision.test or {}
     record = {"promotion.decision": decision.decision, "promotion.reason": decision.reason,
               "promotion.metric": metric, "promotion.confidence": confidence, "promotion.min_delta": min_delta,
@@ -257,32 +233,58 @@ def _record(client: MlflowClient, name: str, challenger, champion, decision: Dec
                                                           challenger.tags.get("eval_manifest_hash", "")),
               "promotion.split": decision.key.get("split", challenger.tags.get("eval_split", "")),
               "promotion.views": decision.key.get("views", ""),
-              "promotion.champion_version": "" if champion is None else champion.version,
-              "promotion.time": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime())}
-    for key, value in record.items():
-        client.set_model_version_tag(name, challenger.version, key, param_value(value))
-    if decision.decision == "promoted":
-        client.set_registered_model_alias(name, CHAMPION, challenger.version)
-        if champion is not None:
-            client.set_model_version_tag(name, champion.version, "promotion.replaced_by", challenger.version)
+              "promotion.champion_version": "" if champion is None else int(champion.version),
+              "promotion.time": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime()),
+              "promotion.record": f"{_decisions_folder(lock.name, challenger.version)}/decision-{lock.generation}.json"}
+    evidence = {key.removeprefix("promotion."): value for key, value in record.items()}
+    evidence.update(model=lock.name, challenger_version=int(challenger.version), test=decision.test,
+                    lock={"generation": lock.generation, "owner": lock.token})
+    client.log_text(challenger.run_id, json.dumps(evidence, indent=1, default=str), record["promotion.record"])
+    if decision.decision != "lost_lock":  # a stalled promoter must not overwrite the holder's summary
+        for key, value in record.items():
+            client.set_model_version_tag(lock.name, challenger.version, key, param_value(value))
+    return f"runs:/{challenger.run_id}/{record['promotion.record']}"
+
+
+def _decisions_folder(name: str, version: int | str) -> str:
+    return f"{DECISIONS}/{name}/v{version}"
+
+
+def decisions(client: MlflowClient, name: str, version: int | str) -> list[dict[str, Any]]:
+    """Every decision recorded on a version, oldest first (the lock generation orders them)."""
+    run_id = client.get_model_version(name, str(version)).run_id
+    files = [a.path for a in client.list_artifacts(run_id, _decisions_folder(name, version))
+             if a.path.endswith(".json")]
+    files.sort(key=lambda path: int(path.rsplit("-", 1)[-1].removesuffix(".json")))
+    with tempfile.TemporaryDirectory() as tmp:
+        return [json.loads(open(client.download_artifacts(run_id, path, tmp)).read()) for path in files]
 
 
 def promote(cfg: Config, name: str, *, metric: str = "eval_top1", confidence: float = 0.95, min_delta: float = 0.0,
-            dry_run: bool = False, lock_timeout_s: float = 300.0) -> dict[str, Any]:
+            eval_split: str | None = None, dry_run: bool = False, lock_timeout_s: float = 300.0,
+            lock_ttl_s: float = LOCK_TTL_S) -> dict[str, Any]:
     """Move alias `champion` to the `challenger` when it is better on the videos both evaluated (one-sided
     McNemar exact test at `confidence`, and by at least `min_delta`); with no champion, the challenger
-    becomes champion. Missing evaluations are run (on the challenger's manifest, split and views).
+    becomes champion. Missing evaluations are run (on the challenger's manifest, views and split, or on
+    `eval_split` of that manifest when given: a held-out split neither model was selected on).
 
-    The decision is recorded on the challenger as `promotion.*` tags and the alias moved while holding
-    `promotion_lock`, after checking that neither alias moved since deciding (else deciding again).
-    `dry_run` decides the same way and writes nothing: no run, tag, alias or artifact."""
+    Deciding takes no lock (evaluations may run for minutes); applying it does. Holding `promotion_lock`,
+    right before moving the alias, the promoter checks that both aliases are where it decided (else it
+    decides again) and that the lock is still its own (else it moves nothing and reports `lost_lock`: it
+    stalled past the lock's ttl and another promoter broke the lock). Each decision is kept as a record
+    in the challenger's run (`_record`). `dry_run` decides the same way and writes nothing: no run, tag,
+    alias, lock or artifact."""
     if metric not in gate.METRICS:
         raise RegistryError(f"metric {metric!r} has no paired test; use {' or '.join(gate.METRICS)} (top-1 or "
                             "top-5 correctness per video, from `uniformer evaluate`)")
     if not 0.5 <= confidence < 1:
         raise RegistryError(f"confidence {confidence} is outside [0.5, 1); 0.95 promotes when p <= 0.05")
+    if not lock_ttl_s > 0:
+        raise RegistryError(f"lock ttl {lock_ttl_s} s is not positive; the default {LOCK_TTL_S:g} s outlasts the few "
+                            "writes a promoter does while holding the lock")
     client = client_for(cfg)
     notes: list[str] = []
+    record = None
     for attempt in range(1, MAX_ATTEMPTS + 1):
         challenger = _alias(client, name, CHALLENGER)
         if challenger is None:
@@ -290,17 +292,28 @@ def promote(cfg: Config, name: str, *, metric: str = "eval_top1", confidence: fl
                                 f"`uniformer register --run RUN_ID --name {name}`")
         champion = _alias(client, name, CHAMPION)
         decision = _decide(cfg, client, name, challenger, champion, metric=metric, confidence=confidence,
-                           min_delta=min_delta, dry_run=dry_run)
+                           min_delta=min_delta, eval_split=eval_split, dry_run=dry_run)
         if dry_run or decision.decision == "unchanged":
             break
-        with promotion_lock(client, name, timeout_s=lock_timeout_s):
-            now_challenger, now_champion = _alias(client, name, CHALLENGER), _alias(client, name, CHAMPION)
-            moved = ((now_challenger and now_challenger.version) != challenger.version
-                     or (now_champion and now_champion.version) != (champion and champion.version))
-            if not moved:
-                _record(client, name, challenger, champion, decision, metric=metric, confidence=confidence,
-                        min_delta=min_delta)
-                break
+        try:
+            with promotion_lock(client, name, timeout_s=lock_timeout_s, ttl_s=lock_ttl_s) as lock:
+                now_challenger, now_champion = _alias(client, name, CHALLENGER), _alias(client, name, CHAMPION)
+                moved = ((now_challenger and now_challenger.version) != challenger.version
+                         or (now_champion and now_champion.version) != (champion and champion.version))
+                if not lock.held():  # the last read before the alias moves
+                    decision = Decision(
+                        "lost_lock", f"lost the promotion lock of {name!r} before moving {CHAMPION!r} (it stalled "
+                        f"past the lock's {lock_ttl_s:g} s and another promoter broke it); moved nothing; its "
+                        f"decision was {decision.decision}: {decision.reason}", decision.challenger,
+                        decision.champion, decision.test, decision.key)
+                elif not moved:
+                    _apply(client, name, challenger, champion, decision)
+                if decision.decision == "lost_lock" or not moved:
+                    record = _record(client, lock, challenger, champion, decision, metric=metric,
+                                     confidence=confidence, min_delta=min_delta)
+                    break
+        except LockError as err:
+            raise RegistryError(str(err)) from None
         notes.append(f"attempt {attempt}: the aliases moved while deciding (challenger "
                      f"{challenger.version} -> {now_challenger and now_challenger.version}, champion "
                      f"{champion and champion.version} -> {now_champion and now_champion.version}); decided again")
@@ -310,4 +323,4 @@ def promote(cfg: Config, name: str, *, metric: str = "eval_top1", confidence: fl
     return {"name": name, "metric": metric, "confidence": confidence, "min_delta": min_delta, "dry_run": dry_run,
             "decision": decision.decision, "reason": decision.reason, "challenger": decision.challenger,
             "champion": decision.champion, "test": decision.test, **decision.key, "attempts": attempt,
-            "notes": notes, "model_uri": f"models:/{name}@{CHAMPION}"}
+            "notes": notes, "record": record, "model_uri": f"models:/{name}@{CHAMPION}"}

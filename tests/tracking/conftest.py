@@ -153,10 +153,26 @@ def paired_manifest(tiny_videos, tmp_path_factory):
     return str(folder)
 
 
-def fake_evaluation(cfg, run_id: str, manifest_uri: str, correct: list[bool], *, clips: int = 2, crops: int = 1) -> str:
+@pytest.fixture(scope="session")
+def held_out_manifest(tiny_videos, tmp_path_factory):
+    """The paired manifest's rows plus a held-out `test` split of 30 usable rows."""
+    from pipeline.data.manifest import write_manifest
+
+    rows = list(tiny_videos["rows"])
+    usable = [r for r in rows if r["status"] == "ok" and r["split"] == "train"]
+    for split in ("val", "test"):
+        for i in range(30):
+            rows.append({**usable[i % len(usable)], "index": len(rows), "split": split})
+    folder = tmp_path_factory.mktemp("held_out") / "prepared"
+    write_manifest(rows, str(folder))
+    return str(folder)
+
+
+def fake_evaluation(cfg, run_id: str, manifest_uri: str, correct: list[bool], *, clips: int = 2, crops: int = 1,
+                    split: str = "val") -> str:
     """An evaluation run of the run's video classifier as `uniformer evaluate` logs it, with the top-1
-    outcome of the first len(correct) usable val videos (in manifest order) given by `correct` instead
-    of measured; the others are undecodable."""
+    outcome of the first len(correct) usable videos of `split` (in manifest order) given by `correct`
+    instead of measured; the others are undecodable."""
     from pipeline.data.manifest import manifest_hash, read_manifest
     from pipeline.tracking.evaluate import Evaluation, log_evaluation, metrics_from_predictions
     from pipeline.tracking.inference import _model_source
@@ -164,19 +180,20 @@ def fake_evaluation(cfg, run_id: str, manifest_uri: str, correct: list[bool], *,
     from pipeline.tracking.runs import client_for
 
     table = read_manifest(manifest_uri)
-    split, status, labels = (table.column(c).to_pylist() for c in ("split", "status", "label"))
-    usable = [(i, labels[i]) for i in range(len(labels)) if split[i] == "val" and status[i] == "ok"]
+    status, labels = (table.column(c).to_pylist() for c in ("status", "label"))
+    splits = table.column("split").to_pylist()
+    usable = [(i, labels[i]) for i in range(len(labels)) if splits[i] == split and status[i] == "ok"]
     videos = {}
     for (i, label), right in zip(usable, correct):
         scores = np.full(len(LABELS), 0.1)
         scores[label if right else (label + 1) % len(LABELS)] = 0.8
         videos[i] = {"scores": scores * clips * crops, "views": clips * crops}
     model_uri = f"runs:/{run_id}/video_classifier"
-    key = EvidenceKey(manifest_hash(table), "val", clips, crops)
+    key = EvidenceKey(manifest_hash(table), split, clips, crops)
     predictions = prediction_table(table, videos, key=key, labels=LABELS)
     metrics, confusion = metrics_from_predictions(predictions, len(LABELS))
     result = {**metrics, "eval_views": clips * crops, "model_uri": model_uri, "manifest": manifest_uri,
-              "manifest_hash": key.manifest_hash, "split": "val", "test_clips": clips, "test_crops": crops,
+              "manifest_hash": key.manifest_hash, "split": split, "test_clips": clips, "test_crops": crops,
               "source_run_id": run_id, "model_id": _model_source(client_for(cfg), model_uri)[1]}
     data = dataclasses.replace(cfg.data, test_clips=clips, test_crops=crops)
     evaluation = Evaluation(result, predictions, table, data, LABELS, confusion)

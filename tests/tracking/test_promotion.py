@@ -6,6 +6,7 @@ from __future__ import annotations
 import json
 import math
 import os
+import signal
 import subprocess
 import sys
 import time
@@ -43,6 +44,23 @@ def test_mcnemar_exact_p_is_the_binomial_tail():
     assert gate.mcnemar_exact_p(3, 3) == sum(math.comb(6, k) for k in range(3, 7)) / 64 > 0.5  # a tie
     assert gate.mcnemar_exact_p(8, 2) == pytest.approx(56 / 1024)  # (45 + 10 + 1) / 2^10
     assert gate.mcnemar_exact_p(9, 1) == pytest.approx(11 / 1024)
+
+
+def _log_space_tail(a: int, b: int) -> float:
+    """P(X >= a), X ~ Binomial(a + b, 1/2), summed in log space (a reference that stays fast)."""
+    n = a + b
+    logs = [math.lgamma(n + 1) - math.lgamma(k + 1) - math.lgamma(n - k + 1) - n * math.log(2) for k in range(a, n + 1)]
+    top = max(logs)
+    return math.exp(top) * sum(math.exp(x - top) for x in logs)
+
+
+def test_mcnemar_exact_p_at_ten_thousand_discordant_videos():
+    """At 10,000 discordant videos the tail agrees with a log-space sum, far into the tail too, and
+    the two tails of one split add up to 1 (X >= a and X <= a - 1 = X >= b + 1 by symmetry)."""
+    for a, b in ((5100, 4900), (5500, 4500)):
+        assert gate.mcnemar_exact_p(a, b) == pytest.approx(_log_space_tail(a, b), rel=1e-9)
+    assert 0.02 < gate.mcnemar_exact_p(5100, 4900) < 0.03 and 0 < gate.mcnemar_exact_p(5500, 4500) < 1e-20
+    assert gate.mcnemar_exact_p(5100, 4900) + gate.mcnemar_exact_p(4901, 5099) == pytest.approx(1.0, abs=1e-12)
 
 
 def test_paired_comparison_uses_videos_both_scored_and_ties_never_promote():
@@ -151,8 +169,16 @@ def test_promotion_is_a_paired_test_on_logged_evaluations(embedded, paired_manif
     assert float(tags["promotion.challenger_value"]) == 25 / 30 and float(tags["promotion.champion_value"]) == 0.5
     assert tags["promotion.champion_version"] == "1" and tags["promotion.confidence"] == "0.99"
     assert client.get_model_version(name, "1").tags["promotion.replaced_by"] == "2"
-    assert not [k for k in client.get_registered_model(name).tags if k.startswith(registry.LOCK_PREFIX)]
+    assert registry.holder(client, name) is None
     assert registry.promote(cfg, name)["decision"] == "unchanged"
+
+    # Both decisions on version 2 are kept, in order; the tags summarise the newest.
+    kept = registry.decisions(client, name, 2)
+    assert [(d["decision"], d["p_value"], d["champion_version"]) for d in kept] == [("rejected", 0.5, 1),
+                                                                                   ("promoted", 1 / 1024, 1)]
+    assert kept[0]["lock"]["generation"] < kept[1]["lock"]["generation"] and kept[1]["test"]["challenger_only"] == 10
+    assert tags["promotion.record"] == f"promotion/{name}/v2/decision-{kept[1]['lock']['generation']}.json"
+    assert decided["record"] == f"runs:/{run_b}/{tags['promotion.record']}"
 
     # The version's metrics are its logged model's, keyed by dataset; no metric tags.
     metrics = registry.model_metrics(client, version_model_id(client.get_model_version(name, "2")))
@@ -160,6 +186,38 @@ def test_promotion_is_a_paired_test_on_logged_evaluations(embedded, paired_manif
                                                           ("eval_top1", "prepared/val/2x1")}
     assert [m["value"] for m in metrics if m["key"] == "eval_top1"][-1] == 25 / 30
     assert not [k for k in tags if k.startswith(("metric.", "val_", "eval_top"))]
+
+
+def test_eval_split_judges_both_versions_on_a_held_out_split(embedded, held_out_manifest, capsys):
+    """Version 2 is clearly better on the validation split it was selected on, and no better on the
+    held-out `test` split: promote judges on `val` by default and on `test` with --eval-split test."""
+    from jobs import promote as promote_job
+
+    name = "uniformer-held-out"
+    cfg = tiny_config(manifest=held_out_manifest)
+    client = client_for(cfg)
+    run_id = fake_training(cfg, val_top1=0.5, seed=0)
+    fake_evaluation(cfg, run_id, held_out_manifest, [True] * 15 + [False] * 15)
+    fake_evaluation(cfg, run_id, held_out_manifest, [True] * 20 + [False] * 10, split="test")
+    registry.register(cfg, run_id, name)
+    registry.promote(cfg, name)
+    fake_training(cfg, val_top1=0.9, seed=1)
+    fake_evaluation(cfg, run_id, held_out_manifest, [True] * 25 + [False] * 5)
+    fake_evaluation(cfg, run_id, held_out_manifest, [True] * 20 + [False] * 10, split="test")
+    registry.register(cfg, run_id, name)
+
+    on_val = registry.promote(cfg, name, dry_run=True)
+    assert (on_val["decision"], on_val["split"], on_val["test"]["challenger_only"]) == ("promoted", "val", 10)
+    capsys.readouterr()
+    promote_job.main(["--name", name, "--eval-split", "test"])
+    held_out = json.loads(capsys.readouterr().out.strip().splitlines()[-1])
+    assert (held_out["decision"], held_out["split"]) == ("rejected", "test") and "not better" in held_out["reason"]
+    assert held_out["test"]["paired_videos"] == 30 and held_out["test"]["challenger_only"] == 0
+    assert client.get_model_version(name, "2").tags["promotion.split"] == "test"
+    assert registry.decisions(client, name, 2)[-1]["split"] == "test"
+    assert str(client.get_model_version_by_alias(name, "champion").version) == "1"
+    nowhere = registry.promote(cfg, name, eval_split="tset", dry_run=True)
+    assert nowhere["decision"] == "refused" and "has no split 'tset'; its splits: test, train, val" in nowhere["reason"]
 
 
 def test_two_promotes_at_once_leave_one_champion_and_truthful_decisions(mlflow_server, paired_manifest, tmp_path):
@@ -178,7 +236,7 @@ def test_two_promotes_at_once_leave_one_champion_and_truthful_decisions(mlflow_s
 
     env = {**os.environ, "PYTHONPATH": str(ROOT)}
     command = [sys.executable, "-m", "jobs.promote", "--name", name, f"tracking.tracking_uri={mlflow_server}"]
-    with registry.promotion_lock(client, name):
+    with registry.promotion_lock(client, name, ttl_s=3600):  # held until both wait, however slow their start
         procs = []
         for i in range(2):
             err = open(tmp_path / f"promote{i}.err", "w")
@@ -202,4 +260,92 @@ def test_two_promotes_at_once_leave_one_champion_and_truthful_decisions(mlflow_s
     assert str(client.get_model_version_by_alias(name, "champion").version) == "2"
     assert client.get_model_version(name, "2").tags["promotion.champion_version"] == "1"
     assert client.get_model_version(name, "1").tags["promotion.replaced_by"] == "2"
-    assert not [k for k in client.get_registered_model(name).tags if k.startswith(registry.LOCK_PREFIX)]
+    assert registry.holder(client, name) is None
+
+
+def test_the_lock_ignores_the_local_clock_and_is_broken_only_when_expired(mlflow_server, monkeypatch):
+    """A host whose clock runs years ahead waits for a live lock (expiry is the server's clock); a
+    crashed holder's generation past its ttl is taken over by creating the next one, and the older
+    generations are cleaned up."""
+    from pipeline.tracking.promotion_lock import generations, lock_name
+
+    name = "uniformer-lock"
+    client = client_for(tiny_config(mlflow_server))
+    with registry.promotion_lock(client, name) as first:
+        monkeypatch.setattr(time, "time", lambda: 4e9)  # year 2096 on this host only
+        with pytest.raises(registry.LockError, match=f"lock of '{name}' stayed taken for 1 s .*generation "
+                                                     f"{first.generation}"):
+            with registry.promotion_lock(client, name, timeout_s=1):
+                pass
+        monkeypatch.undo()
+        assert first.held()
+    assert not first.held() and registry.holder(client, name) is None
+
+    gone = first.generation + 1  # a promoter that crashed holding the lock, its ttl spent by any clock
+    client.create_registered_model(lock_name(name, gone), tags={"owner": "x", "host": "gone", "pid": "1", "ttl_s": "-1"})
+    assert registry.holder(client, name) is None
+    with registry.promotion_lock(client, name, timeout_s=5) as second:
+        assert second.generation == gone + 1 and second.held()
+        assert set(generations(client, name)) == {second.generation}
+
+
+def _stopped(pid: int) -> bool:
+    """Whether the process is stopped by a signal (state T in /proc/<pid>/stat, after the command name)."""
+    return Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()[0] == "T"
+
+
+def test_a_promoter_stalled_past_the_lock_ttl_loses_the_lock_and_moves_nothing(mlflow_server, paired_manifest,
+                                                                               tmp_path, capsys):
+    """Promoter A decides on version 2, takes the lock (3 s ttl) and stops itself right there (SIGSTOP, as a
+    stalled host would). Version 3 is registered; promoter B (this process) waits until A's lock is
+    expired by the server's clock, breaks it and promotes version 3. A, resumed by SIGCONT, finds the lock
+    is no longer its own: it moves nothing, records lost_lock and exits 1. The champion is B's decision."""
+    name = "uniformer-stall"
+    cfg = tiny_config(mlflow_server, manifest=paired_manifest)
+    client = client_for(cfg)
+    run_id = fake_training(cfg, val_top1=0.5, seed=0)
+    fake_evaluation(cfg, run_id, paired_manifest, [True, False] * 15)
+    registry.register(cfg, run_id, name)
+    registry.promote(cfg, name)
+    fake_training(cfg, val_top1=0.8, seed=1)
+    fake_evaluation(cfg, run_id, paired_manifest, [True] * 25 + [False] * 5)
+    registry.register(cfg, run_id, name)
+    fake_training(cfg, val_top1=0.9, seed=2)  # the logged model version 3 will be registered from
+    fake_evaluation(cfg, run_id, paired_manifest, [True] * 30)
+
+    err_path = tmp_path / "stalled.err"
+    with open(err_path, "w") as err:
+        stalled = subprocess.Popen(
+            [sys.executable, "-m", "jobs.promote", "--name", name, "--lock-ttl", "3",
+             f"tracking.tracking_uri={mlflow_server}"], cwd=ROOT, stdout=subprocess.PIPE, stderr=err, text=True,
+            env={**os.environ, "PYTHONPATH": str(ROOT), registry.STOP_ENV: "1"})
+    try:
+        deadline = time.monotonic() + 240
+        while not _stopped(stalled.pid):
+            assert stalled.poll() is None and time.monotonic() < deadline, err_path.read_text()[-3000:]
+            time.sleep(0.1)
+        assert "holding the promotion lock" in err_path.read_text()
+        assert registry.holder(client, name) is not None
+
+        registry.register(cfg, run_id, name)
+        capsys.readouterr()
+        fresh = registry.promote(cfg, name)
+        assert (fresh["decision"], fresh["challenger"]["version"], fresh["champion"]["version"]) == ("promoted", 3, 1)
+        assert "broke the expired promotion lock" in capsys.readouterr().err
+    finally:
+        os.kill(stalled.pid, signal.SIGCONT)
+    stdout, _ = stalled.communicate(timeout=120)
+    assert stalled.returncode == 1, err_path.read_text()[-3000:]
+    lost = json.loads(stdout.strip().splitlines()[-1])
+    assert lost["decision"] == "lost_lock" and lost["challenger"]["version"] == 2
+    assert "lost the promotion lock" in lost["reason"] and "its decision was promoted" in lost["reason"]
+    assert "uniformer promote: lost_lock: lost the promotion lock" in err_path.read_text()
+
+    # One coherent decision: B's. A wrote no summary tag and moved no alias; its attempt is on record.
+    assert str(client.get_model_version_by_alias(name, "champion").version) == "3"
+    assert client.get_model_version(name, "1").tags["promotion.replaced_by"] == "3"
+    assert client.get_model_version(name, "3").tags["promotion.champion_version"] == "1"
+    assert "promotion.decision" not in client.get_model_version(name, "2").tags
+    assert [d["decision"] for d in registry.decisions(client, name, 2)] == ["lost_lock"]
+    assert [d["decision"] for d in registry.decisions(client, name, 3)] == ["promoted"]
+    assert registry.holder(client, name) is None
