@@ -25,7 +25,7 @@ system-deps:
 	bash infra/local/system-deps.sh
 
 test: $(STAMP) system-deps
-	$(PY) -m pytest -q
+	$(PY) -m pytest -q --durations=30
 
 # Not part of `make test`: the GPU-only tests and benchmarks, one table of targets (a few minutes on
 # one GPU). Without CUDA it prints one line saying so and exits 0.
