@@ -123,7 +123,12 @@ def test_gpu_check_table_and_targets():
     assert lines[0].split() == ["check", "target", "measured", "reference", "ok"]
     assert lines[1].split()[-3:] == ["180.1", "90", "yes"] and lines[2].endswith("NO")
     names = [t.name for _, _, targets in BENCHES for t in targets]
-    assert len(names) == 6 and any("peak GiB" in n for n in names)
+    assert len(names) == 10 and any("peak GiB" in n for n in names)
+    # The recipes' whole step: a figure to record, and the augmentation's share at most 10%.
+    shares = [t for _, _, targets in BENCHES for t in targets if t.key == "augment_share"]
+    assert len(shares) == 2 and all(t.met(0.08) and not t.met(0.12) for t in shares)
+    recorded = next(t for _, _, targets in BENCHES for t in targets if t.name == "S16x4 whole train step, clips/s")
+    assert recorded.wanted() == "measured" and recorded.met(1.0) and not recorded.met(None)
 
 
 def test_gpu_test_files_are_not_collected_by_make_test():
