@@ -21,6 +21,7 @@ import numpy as np
 import torch
 import torch.nn.functional as F
 
+from pipeline.data.device_augment import apply_plan_torch
 from pipeline.data.rand_augment import OP_NAMES, OpDraw, RandAugmentSpec, apply_plan, draw_plan
 
 
@@ -142,8 +143,6 @@ def train_augment_on_device(frames: torch.Tensor, draws: TrainDraws, *, size: in
     GPU), with draws made elsewhere: RandAugment by `device_augment.apply_plan_torch`, then the crop,
     a bilinear antialiased resize and the flip. Host-side draws, so no device sync."""
     if draws.plan:
-        from pipeline.data.device_augment import apply_plan_torch
-
         frames = apply_plan_torch(frames, draws.plan)
     top, left, h, w = draws.crop
     x = frames[:, top:top + h, left:left + w].permute(0, 3, 1, 2).float()
