@@ -1,9 +1,10 @@
 """Spatial transforms of uint8 clips `(T, H, W, C)`, the same for every frame of a clip.
 
-Training: RandAugment if asked (`pipeline.data.rand_augment`), `random_resized_crop` (+ `hflip` at
-random), drawn by `draw_train_augment` and applied either here (`train_augment`, the CPU reference)
-or on the training device (`train_augment_on_device`). Evaluation: `short_side_resize`, then `center_crop` or `three_crops`. Clips stay uint8
-in the data pipeline (4x less to move than float32); `normalize_on_device` turns a batch into
+Training: RandAugment if asked (`pipeline.data.rand_augment`), a random resized crop
+(`random_resized_crop_params`) and `hflip` at random, drawn by `draw_train_augment` and applied
+either here (`train_augment`, the CPU reference) or on the training device
+(`train_augment_on_device`). Evaluation: `short_side_resize`, then `center_crop` or `three_crops`.
+Clips stay uint8 in the data pipeline (4x less to move than float32); `normalize_on_device` turns a batch into
 the model's float `(B, C, T, H, W)` on the training device.
 
 Resizing runs torch's uint8 bilinear kernel on channels-last memory (antialiased when
@@ -71,15 +72,6 @@ def random_resized_crop_params(height: int, width: int, *, scale: Sequence[float
     else:
         w, h = width, height
     return (height - h) // 2, (width - w) // 2, h, w
-
-
-def random_resized_crop(clip: np.ndarray, *, size: int | Sequence[int], scale: Sequence[float] = (0.08, 1.0),
-                        ratio: Sequence[float] = (3 / 4, 4 / 3), rng: np.random.Generator) -> np.ndarray:
-    """Crop a random area fraction in `scale` with aspect ratio in `ratio`, resize to `size`;
-    the same crop for every frame."""
-    _check_clip(clip)
-    top, left, h, w = random_resized_crop_params(clip.shape[1], clip.shape[2], scale=scale, ratio=ratio, rng=rng)
-    return resize(clip[:, top:top + h, left:left + w], size=size)
 
 
 def hflip(clip: np.ndarray) -> np.ndarray:

@@ -2,8 +2,8 @@ import numpy as np
 import pytest
 import torch
 
-from pipeline.data.transforms import (center_crop, hflip, normalize_on_device, random_resized_crop,
-                                      random_resized_crop_params, resize, short_side_resize, three_crops, train_augment)
+from pipeline.data.transforms import (center_crop, hflip, normalize_on_device, random_resized_crop_params, resize,
+                                      short_side_resize, three_crops, train_augment)
 
 
 def _clip(t=4, h=60, w=80, seed=0):
@@ -16,7 +16,8 @@ def _clip(t=4, h=60, w=80, seed=0):
 def test_random_resized_crop_shape_and_same_crop_for_all_frames():
     clip = _clip()
     clip[1] = clip[0]  # identical frames must stay identical
-    out = random_resized_crop(clip, size=32, scale=(0.08, 1.0), ratio=(3 / 4, 4 / 3), rng=np.random.default_rng(0))
+    out = train_augment(clip, size=32, scale=(0.08, 1.0), ratio=(3 / 4, 4 / 3), flip=False,
+                        rng=np.random.default_rng(0))
     assert out.shape == (4, 32, 32, 3) and out.dtype == np.uint8
     for t in range(1, 4):
         np.testing.assert_array_equal(out[t], out[0])
@@ -33,7 +34,7 @@ def test_random_resized_crop_params_follow_scale_and_ratio():
 
 def test_random_resized_crop_full_scale_is_the_frame():
     clip = _clip(h=64, w=64)
-    out = random_resized_crop(clip, size=64, scale=(1.0, 1.0), ratio=(1.0, 1.0), rng=np.random.default_rng(0))
+    out = train_augment(clip, size=64, scale=(1.0, 1.0), ratio=(1.0, 1.0), flip=False, rng=np.random.default_rng(0))
     np.testing.assert_array_equal(out, clip)
 
 
