@@ -49,6 +49,7 @@ from pipeline.config import MediaLimits
 from pipeline.data.media import (DEFAULT_LIMITS, NO_DEADLINE, DecodeError, Deadline, LimitExceeded, Source,
                                  check_frames, open_media)
 from pipeline.data.media import describe as _describe
+from pipeline.data.sampling import crop_origin
 
 __all__ = ["DecodeError", "LimitExceeded", "VideoDecoder", "decode_frames", "frame_table", "count_frames"]
 
@@ -155,18 +156,8 @@ Convert = Callable[[av.VideoFrame], np.ndarray]
 _CROP_FIRST = 4
 
 
-def _crop_origin(height: int, width: int, size: int) -> tuple[int, int]:
-    """(top, left) of the centred size x size crop of a height x width frame (transforms.center_crop's)."""
-    if min(height, width) < size:
-        raise ValueError(f"cannot crop {size}x{size} from {height}x{width} frames; scale the short side to at "
-                         f"least {size} first")
-    if height <= width:
-        return (height - size) // 2, int(round((width - size) * 0.5))
-    return int(round((height - size) * 0.5)), (width - size) // 2
-
-
 def _center_crop(rgb: np.ndarray, size: int) -> np.ndarray:
-    top, left = _crop_origin(rgb.shape[0], rgb.shape[1], size)
+    top, left = crop_origin(rgb.shape[0], rgb.shape[1], size)
     return np.ascontiguousarray(rgb[top:top + size, left:left + size])
 
 
@@ -429,7 +420,7 @@ class VideoDecoder:
         """The centred crop x crop window of `frame` scaled to out_height x out_width, cut from the
         stored picture first: only the window is scaled."""
         rgb = display.upright(self._reformatter.reformat(frame, format="rgb24", threads=1).to_ndarray())
-        top, left = _crop_origin(out_height, out_width, crop)
+        top, left = crop_origin(out_height, out_width, crop)
         scale_y, scale_x = rgb.shape[0] / out_height, rgb.shape[1] / out_width
         y0, x0 = int(top * scale_y), int(left * scale_x)
         y1 = max(y0 + 1, int(np.ceil((top + crop) * scale_y)))

@@ -1,4 +1,5 @@
-"""Which frames of a video make a clip: dense (Kinetics) and uniform segment (SSv2) sampling.
+"""Which frames of a video make a clip: dense (Kinetics) and uniform segment (SSv2) sampling; and
+where a test crop sits in a frame (`crop_origin`).
 
 All functions return 0-based frame indices (int64) into the video they are given the length of.
 Training draws from `rng`; evaluation (`rng=None`) is deterministic. Indices never exceed the
@@ -84,3 +85,14 @@ def uniform_indices(num_frames_in_video: int, *, num_frames: int, rng: np.random
         return rng.integers(starts, ends + 1).astype(np.int64)
     fraction = (clip_index + 0.5) / num_clips
     return starts + np.floor((ends - starts) * fraction).astype(np.int64)  # one clip: (start + end) // 2
+
+
+def crop_origin(height: int, width: int, size: int, position: float = 0.5) -> tuple[int, int]:
+    """(top, left) of the size x size crop of a height x width frame that is centred on the short side
+    and at `position` in [0, 1] along the long side (0.5: the centre crop)."""
+    if min(height, width) < size:
+        raise ValueError(f"cannot crop {size}x{size} from {height}x{width} frames; resize the short side "
+                         f"to at least {size} first (short_side_resize, data.short_side)")
+    if height <= width:
+        return (height - size) // 2, int(round((width - size) * position))
+    return int(round((height - size) * position)), (width - size) // 2

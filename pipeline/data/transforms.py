@@ -24,6 +24,7 @@ import torch.nn.functional as F
 
 from pipeline.data.device_augment import apply_plan_torch
 from pipeline.data.rand_augment import OP_NAMES, OpDraw, RandAugmentSpec, apply_plan, draw_plan
+from pipeline.data.sampling import crop_origin
 
 
 def _check_clip(clip: np.ndarray) -> None:
@@ -156,14 +157,7 @@ def short_side_resize(clip: np.ndarray, *, size: int) -> np.ndarray:
 
 def _crop_at(clip: np.ndarray, size: int, position: float) -> np.ndarray:
     """A size x size crop centred on the short side, at `position` in [0, 1] along the long side."""
-    height, width = clip.shape[1:3]
-    if min(height, width) < size:
-        raise ValueError(f"cannot crop {size}x{size} from {height}x{width} frames; resize the short side "
-                         f"to at least {size} first (short_side_resize)")
-    if height <= width:
-        top, left = (height - size) // 2, int(round((width - size) * position))
-    else:
-        top, left = int(round((height - size) * position)), (width - size) // 2
+    top, left = crop_origin(clip.shape[1], clip.shape[2], size, position)
     return np.ascontiguousarray(clip[:, top:top + size, left:left + size])
 
 
