@@ -37,7 +37,7 @@ import numpy as np
 import pyarrow as pa
 
 from pipeline.config import DataConfig, StorageConfig
-from pipeline.data.clips import make_clip_rows
+from pipeline.data.clips import make_clip_rows, stack_rows
 from pipeline.data.decode import decode_frames
 from pipeline.data.media import open_media
 from pipeline.data.sampling import dense_indices
@@ -233,8 +233,7 @@ def measure_clip_cost(rows: list[dict[str, Any]], data: DataConfig, storage: Sto
                 out = make_clip_rows(row, data=cfg, storage=storage, training=True, seed=0)
                 cpu_s[name] += time.process_time() - start
                 shipped[name] += sum(r["clip"].nbytes for r in out)
-            batch = TrainBatch(pin=False)({key: ([r[key] for r in out] if key == "clip" else np.stack([r[key] for r in out]))
-                                           for key in out[0]})
+            batch = TrainBatch(pin=False)(stack_rows(out))  # one video's clips, as a decode task ships them
             start = time.process_time()
             clips_on_device(batch, data, torch.device("cpu"))
             apply_s += time.process_time() - start

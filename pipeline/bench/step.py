@@ -25,6 +25,7 @@ from pipeline.config import Config
 
 
 def _batches(cfg: Config, micro_batch: int, frame_size: tuple[int, int], *, count: int, pin: bool) -> list[dict]:
+    from pipeline.data.clips import stack_rows
     from pipeline.data.rand_augment import parse_rand_augment
     from pipeline.data.transforms import draw_train_augment, encode_draws
     from pipeline.training.ingest import TrainBatch
@@ -39,8 +40,7 @@ def _batches(cfg: Config, micro_batch: int, frame_size: tuple[int, int], *, coun
                  **encode_draws(draw_train_augment(height, width, scale=data.scale, ratio=data.ratio, flip=data.hflip,
                                                    rng=rng, augment=augment), num_ops),
                  "label": int(rng.integers(cfg.model.num_classes)), "valid": True} for _ in range(micro_batch)]
-        batches.append(TrainBatch(pin)({k: [r[k] for r in rows] if k == "clip" else np.stack([r[k] for r in rows])
-                                        for k in rows[0]}))
+        batches.append(TrainBatch(pin)(stack_rows(rows)))
     return batches
 
 

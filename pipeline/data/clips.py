@@ -83,9 +83,10 @@ def _decode_views(video: VideoDecoder, row: dict[str, Any], data: DataConfig, *,
         augment = parse_rand_augment(data.rand_augment) if data.rand_augment else None
         clips = [frames[r * data.num_frames:(r + 1) * data.num_frames] for r in range(data.repeated_aug)]
         if data.augment_on == "device":  # whole frames and their draws; the trainer applies them
+            num_ops = augment.num_ops if augment else 0
             return [{"clip": clip, **encode_draws(draw_train_augment(
                 clip.shape[1], clip.shape[2], scale=data.scale, ratio=data.ratio, flip=data.hflip, rng=rng,
-                augment=augment), _num_ops(data))} for clip in clips]
+                augment=augment), num_ops)} for clip in clips]
         return [train_augment(clip, size=data.crop_size, scale=data.scale, ratio=data.ratio, flip=data.hflip,
                               rng=rng, augment=augment) for clip in clips]
     windows = [_indices(n, data, stride, clip_index=c, num_clips=data.test_clips) for c in range(data.test_clips)]

@@ -7,7 +7,8 @@ import pyarrow as pa
 import pytest
 
 from pipeline.config import DataConfig, StorageConfig
-from pipeline.data.clips import epoch_order, make_clip_rows, node_tag, select_rows, training_stream, view_dataset
+from pipeline.data.clips import (epoch_order, make_clip_rows, node_tag, select_rows, stack_rows, training_stream,
+                                 view_dataset)
 from pipeline.data.manifest import to_table
 from pipeline.data.synth import synth_dataset
 
@@ -69,10 +70,6 @@ def test_make_clip_rows_rand_augment_is_training_only_and_seeded(manifest):
         np.testing.assert_array_equal(a["clip"], b["clip"])
 
 
-def _batch(rows):
-    return {key: [r[key] for r in rows] if key == "clip" else np.stack([r[key] for r in rows]) for key in rows[0]}
-
-
 @pytest.mark.parametrize("rand_augment", ["", "rand-m9-n4-mstd0.5-inc1"])
 def test_device_rows_ship_whole_frames_and_draws_that_give_the_cpu_clips(manifest, rand_augment):
     import torch
@@ -85,7 +82,7 @@ def test_device_rows_ship_whole_frames_and_draws_that_give_the_cpu_clips(manifes
         shipped = make_clip_rows(_row(manifest, video), data=device, storage=STORAGE, training=True, seed=3, epoch=1)
         assert all(r["clip"].shape == (4, 48, 48, 3) for r in shipped)  # whole frames, not crops
         assert [r["valid"] for r in shipped] == [True, True] and shipped[0]["aug_ops"].shape == (4 if rand_augment else 1,)
-        clips = clips_on_device(TrainBatch(pin=False)(_batch(shipped)), device, torch.device("cpu"))
+        clips = clips_on_device(TrainBatch(pin=False)(stack_rows(shipped)), device, torch.device("cpu"))
         assert clips.dtype == torch.uint8 and clips.shape == (2, 4, 32, 32, 3)
         difference = np.abs(clips.numpy().astype(int) - np.stack([r["clip"] for r in reference]).astype(int))
         # The same draws: bilinear resizes in float vs uint8 differ by rounding; RandAugment's bicubic
