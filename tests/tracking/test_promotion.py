@@ -220,16 +220,22 @@ def test_eval_split_judges_both_versions_on_a_held_out_split(embedded, held_out_
     assert nowhere["decision"] == "refused" and "has no split 'tset'; its splits: test, train, val" in nowhere["reason"]
 
 
+def first_champion(cfg, name: str, manifest: str) -> str:
+    """Version 1 of `name`, right on half of the 30 paired videos, promoted to champion; its run id."""
+    run_id = fake_training(cfg, val_top1=0.5, seed=0)
+    fake_evaluation(cfg, run_id, manifest, [True, False] * 15)
+    registry.register(cfg, run_id, name)
+    registry.promote(cfg, name)
+    return run_id
+
+
 def test_two_promotes_at_once_leave_one_champion_and_truthful_decisions(mlflow_server, paired_manifest, tmp_path):
     """Both processes decide against champion 1 while the test holds the promotion lock; once it is free,
     one moves the alias and the other sees the champion moved, decides again and reports `unchanged`."""
     name = "uniformer-race"
     cfg = tiny_config(mlflow_server, manifest=paired_manifest)
     client = client_for(cfg)
-    run_a = fake_training(cfg, val_top1=0.5, seed=0)
-    fake_evaluation(cfg, run_a, paired_manifest, [True, False] * 15)
-    registry.register(cfg, run_a, name)
-    registry.promote(cfg, name)
+    first_champion(cfg, name, paired_manifest)
     run_b = fake_training(cfg, val_top1=0.9, seed=1)
     fake_evaluation(cfg, run_b, paired_manifest, [True] * 28 + [False] * 2)
     registry.register(cfg, run_b, name)
@@ -303,10 +309,7 @@ def test_a_promoter_stalled_past_the_lock_ttl_loses_the_lock_and_moves_nothing(m
     name = "uniformer-stall"
     cfg = tiny_config(mlflow_server, manifest=paired_manifest)
     client = client_for(cfg)
-    run_id = fake_training(cfg, val_top1=0.5, seed=0)
-    fake_evaluation(cfg, run_id, paired_manifest, [True, False] * 15)
-    registry.register(cfg, run_id, name)
-    registry.promote(cfg, name)
+    run_id = first_champion(cfg, name, paired_manifest)
     fake_training(cfg, val_top1=0.8, seed=1)
     fake_evaluation(cfg, run_id, paired_manifest, [True] * 25 + [False] * 5)
     registry.register(cfg, run_id, name)
