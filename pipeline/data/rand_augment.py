@@ -196,8 +196,3 @@ def apply_op(clip: np.ndarray, name: str, *, magnitude: float, increasing: bool,
     """One op at a fixed magnitude on every frame (signs of signed ops are drawn from `rng`)."""
     _check(clip)
     return apply_plan(clip, [resolve_op(name, magnitude=magnitude, increasing=increasing, rng=rng)])
-
-
-def rand_augment(clip: np.ndarray, spec: RandAugmentSpec, *, rng: np.random.Generator) -> np.ndarray:
-    """`spec.num_ops` ops drawn with replacement, each kept with probability 1/2, the same for every frame."""
-    return apply_plan(clip, draw_plan(spec, rng=rng))

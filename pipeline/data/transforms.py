@@ -4,8 +4,8 @@ Training: RandAugment if asked (`pipeline.data.rand_augment`), a random resized 
 (`random_resized_crop_params`) and `hflip` at random, drawn by `draw_train_augment` and applied
 either here (`train_augment`, the CPU reference) or on the training device
 (`train_augment_on_device`). Evaluation: `short_side_resize`, then `center_crop` or `three_crops`.
-Clips stay uint8 in the data pipeline (4x less to move than float32); `normalize_on_device` turns a batch into
-the model's float `(B, C, T, H, W)` on the training device.
+Clips stay uint8 in the data pipeline (4x less to move than float32); `normalize_on_device` turns a
+batch into the model's float `(B, C, T, H, W)` on the training device.
 
 Resizing runs torch's uint8 bilinear kernel on channels-last memory (antialiased when
 shrinking, like PIL), measured 3-5x faster than the same resize in float32 on one core.
