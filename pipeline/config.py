@@ -127,7 +127,10 @@ class OptimConfig:
 class TrainConfig:
     run_name: str = "uniformer"
     storage_path: str = "work/ray_results"  # local folder or s3://bucket/prefix
-    num_workers: int = 2
+    num_workers: int = 2  # one per GPU; the layout `train.batch_size` and `optim.grad_accum_steps` are set for
+    # Elastic: with 1 <= min_workers < num_workers the run trains on as many workers as the cluster has between
+    # the two (continuing from its checkpoint on fewer after a node is lost); 0: always num_workers.
+    min_workers: int = 0
     use_gpu: bool = False
     cpus_per_worker: float = 1.0
     batch_size: int = 32  # global clips per optimizer step (data.repeated_aug clips per video)
@@ -396,18 +399,47 @@ def validate(cfg: Config) -> Config:
            f"need at least 2 clips per micro-batch to blend (train.batch_size / (train.num_workers x "
            f"optim.grad_accum_steps) = {micro_batch}); set both to 0 or raise train.batch_size",
            (o.mixup_alpha, o.cutmix_alpha))
+    _check(0 <= t.min_workers <= t.num_workers, "train.min_workers",
+           f"must be in [0, train.num_workers={t.num_workers}] (0: always train.num_workers)", t.min_workers)
+    for world in worker_counts(cfg):
+        accumulation(cfg, world)
     _check(tr.log_every_steps >= 1, "tracking.log_every_steps", "must be at least 1", tr.log_every_steps)
     _check(bool(t.run_name) and "/" not in t.run_name, "train.run_name", "must be a non-empty name without '/'",
            t.run_name)
     return cfg
 
 
+def worker_counts(cfg: Config) -> range:
+    """The sizes the worker group may have: train.num_workers, or min_workers to it when elastic."""
+    return range(cfg.train.min_workers or cfg.train.num_workers, cfg.train.num_workers + 1)
+
+
+def accumulation(cfg: Config, world: int) -> int:
+    """Micro-batches per optimizer step for a group of `world` workers. The global batch
+    (`train.batch_size` clips, which sets the learning rate and schedule) never changes; the
+    configured layout's micro-batch (`train.num_workers` x `optim.grad_accum_steps`) is the most a
+    worker holds at once, so fewer workers accumulate more. Raises ConfigError naming why when
+    `world` workers cannot keep the batch."""
+    batch, cap = cfg.train.batch_size, cfg.train.batch_size // (cfg.train.num_workers * cfg.optim.grad_accum_steps)
+    if world > batch:
+        raise ConfigError(f"train.batch_size={batch} clips cannot be shared by {world} workers: some would get none")
+    share = -(-batch // world)  # the most clips a worker takes in one step
+    accum = -(-share // cap)
+    smallest = batch // world // accum
+    if smallest < 2 and (cfg.optim.mixup_alpha > 0 or cfg.optim.cutmix_alpha > 0):
+        raise ConfigError(f"at {world} workers a micro-batch holds {smallest} clip(s) of train.batch_size={batch}, "
+                          f"and mixup/cutmix blend pairs of clips: raise train.batch_size or train.min_workers")
+    return accum
+
+
 # What may change when a training resumes under the same train.run_name: how long it runs, how
-# often it validates and checkpoints, how it survives failures, how many CPUs it takes, what it
+# often it validates and checkpoints, how it survives failures, how many workers and CPUs it takes
+# (the global batch stays: see `accumulation`), what it
 # reports and how inference and the model server run (training never reads those). Anything else
 # would make the run's params and checkpoints describe a training that did not happen.
 RESUMABLE_KEYS = frozenset({"optim.epochs", "train.val_every_epochs", "train.checkpoint_every_epochs",
                             "train.max_failures", "train.keep_checkpoints", "train.cpus_per_worker",
+                            "train.num_workers", "train.min_workers", "optim.grad_accum_steps",
                             "data.decode_cpus", "data.decode_concurrency", "data.decode_nodes", "data.decode_placement",
                             "data.object_store_budget_gb", "data.inference_cpu_actors",
                             "data.inference_actor_cpus", "data.inference_batch_size",

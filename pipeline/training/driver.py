@@ -10,7 +10,7 @@ import time
 
 import pyarrow as pa
 
-from pipeline.config import Config, ConfigError, checkpoint_order
+from pipeline.config import Config, ConfigError, checkpoint_order, worker_counts
 from pipeline.data.manifest import read_manifest
 from pipeline.tracking.datasets import dataset_labels
 from pipeline.tracking.logged_models import finish_training_run
@@ -39,6 +39,13 @@ def checked_manifest(cfg: Config) -> pa.Table:
     return manifest
 
 
+def worker_group_size(cfg: Config) -> int | tuple[int, int]:
+    """Ray Train's `num_workers`: fixed, or (min, max) for an elastic group, which Ray sizes to the
+    cluster's free GPUs when it starts and restarts it (from the latest checkpoint) after a loss."""
+    counts = worker_counts(cfg)
+    return counts[-1] if len(counts) == 1 else (counts[0], counts[-1])
+
+
 def make_trainer(cfg: Config, run_id: str | None, *, manifest: pa.Table | None = None, data_source: str = "stream",
                  ray_run_name: str = ""):
     """The TorchTrainer of `cfg`; `run_id` None logs nothing to MLflow, `data_source="memory"` trains
@@ -59,7 +66,7 @@ def make_trainer(cfg: Config, run_id: str | None, *, manifest: pa.Table | None =
         train_loop_per_worker,
         train_loop_config={"config": cfg.to_dict(), "mlflow_run_id": run_id, "data_source": data_source},
         datasets=datasets, dataset_config=ClipDataConfig(cfg.data.object_store_budget_gb),
-        scaling_config=ScalingConfig(num_workers=cfg.train.num_workers, use_gpu=cfg.train.use_gpu,
+        scaling_config=ScalingConfig(num_workers=worker_group_size(cfg), use_gpu=cfg.train.use_gpu,
                                      resources_per_worker={"CPU": cfg.train.cpus_per_worker}),
         run_config=RunConfig(
             name=ray_run_name, storage_path=storage_path, storage_filesystem=storage_fs,

@@ -23,7 +23,7 @@ import ray.train
 import torch
 from ray.data.collate_fn import NumpyBatchCollateFn
 
-from pipeline.config import Config, DataConfig, config_from_dict
+from pipeline.config import Config, DataConfig, accumulation, config_from_dict
 from pipeline.data.clips import training_stream, view_dataset
 from pipeline.data.manifest import read_manifest
 from pipeline.data.storage import ray_storage
@@ -148,3 +148,87 @@ def clips_on_device(batch: dict, data: DataConfig, device: torch.device) -> torc
                                 size=data.crop_size)
         for frames, ops, values, crop, flip in zip(batch["clip"], batch["aug_ops"], batch["aug_values"],
                                                    batch["crop"], batch["flip"])])
+
+
+@dataclasses.dataclass(frozen=True)
+class WorkerShare:
+    """This worker's part of every optimizer step: the global batch of `batch_size` clips spread over
+    `world` workers, in `accum` micro-batches each. When `world` does not divide the batch, the
+    `batch_size % world` extra clips of a step go to ranks in turn, so that every step still trains
+    on exactly `batch_size` clips and every worker takes the same share over `world` steps."""
+
+    batch_size: int
+    world: int
+    rank: int
+    accum: int
+
+    def clips(self, step: int) -> int:
+        base, extra = divmod(self.batch_size, self.world)
+        return base + int((self.rank + step) % self.world < extra)
+
+    def micro_batches(self, step: int) -> list[int]:
+        clips = self.clips(step)
+        return [clips // self.accum + int(i < clips % self.accum) for i in range(self.accum)]
+
+    def largest_micro_batch(self) -> int:
+        most_clips = -(-self.batch_size // self.world)
+        return -(-most_clips // self.accum)
+
+
+def worker_share(cfg: Config, world: int, rank: int) -> WorkerShare:
+    """This rank's share of `cfg`'s global batch in a group of `world` workers (`config.accumulation`
+    says how many micro-batches, or why that group cannot keep the batch)."""
+    return WorkerShare(cfg.train.batch_size, world, rank, accumulation(cfg, world))
+
+
+class StepBatches:
+    """This worker's micro-batches, cut to the sizes `WorkerShare` asks for from the host batches of
+    its shard (which come at the largest micro-batch size, so with an even share each is passed on
+    whole). Ray Data's equal split gives every worker `rows // world` rows, so with an uneven share a
+    worker may be a row short at the very end of the stream: that one is padded with an unusable
+    (zero-weight) row, and a stream that ends earlier is an error."""
+
+    max_padded_rows = 1
+
+    def __init__(self, batches):
+        self.batches = batches
+        self.held: dict | None = None
+        self.padded_rows = 0
+
+    def take(self, count: int) -> dict:
+        parts, have = [], 0
+        while have < count:
+            if self.held is None:
+                self.held = next(self.batches, None)
+                if self.held is None:
+                    if not parts or self.padded_rows + count - have > self.max_padded_rows:
+                        raise RuntimeError(f"the clip stream ended {count - have} rows short of this step's share")
+                    self.padded_rows += count - have
+                    self.held = _unusable_copies(parts[-1], count - have)
+            rows = len(self.held["label"])
+            if have + rows <= count:
+                parts.append(self.held)
+                have += rows
+                self.held = None
+            else:
+                parts.append(_rows(self.held, 0, count - have))
+                self.held = _rows(self.held, count - have, rows)
+                have = count
+        return parts[0] if len(parts) == 1 else _concat_rows(parts)
+
+
+def _rows(batch: dict, start: int, stop: int) -> dict:
+    return {key: value[start:stop] for key, value in batch.items()}
+
+
+def _concat_rows(parts: list[dict]) -> dict:
+    return {key: [row for part in parts for row in part[key]] if isinstance(parts[0][key], list)
+            else torch.cat([part[key] for part in parts]) for key in parts[0]}
+
+
+def _unusable_copies(like: dict, count: int) -> dict:
+    """`count` copies of the last row of `like`, marked unusable: they weigh nothing in the loss."""
+    rows = {key: [value[-1]] * count if isinstance(value, list) else value[-1:].repeat(count, *[1] * (value.ndim - 1))
+            for key, value in like.items()}
+    rows["valid"] = torch.zeros(count, dtype=torch.bool)
+    return rows

@@ -36,8 +36,8 @@ from pipeline.data.transforms import normalize_on_device
 from pipeline.tracking.metrics import MetricQueue, system_metrics
 from pipeline.tracking.runs import client_for
 from pipeline.training import recipe
-from pipeline.training.ingest import (PROGRESS_FILE, TRAIN, VAL, TrainBatch, clips_on_device, steps_per_epoch,
-                                      usable_rows)
+from pipeline.training.ingest import (PROGRESS_FILE, TRAIN, VAL, StepBatches, TrainBatch, clips_on_device,
+                                      steps_per_epoch, usable_rows, worker_share)
 
 CHECKPOINT_FILE = "checkpoint.pt"
 # Ray Train routes workers' logging to the driver; its patched print() would show each line twice.
@@ -49,6 +49,10 @@ def autocast(cfg: Config, device: torch.device):
         return contextlib.nullcontext()
     dtype = torch.bfloat16 if cfg.train.precision == "bf16" else torch.float16
     return torch.autocast(device_type=device.type, dtype=dtype)
+
+
+def dist_world() -> int:
+    return dist.get_world_size() if dist.is_initialized() else 1
 
 
 def all_reduce_sum(tensor: torch.Tensor) -> torch.Tensor:
@@ -66,7 +70,7 @@ def validate(model, cfg: Config, views, device: torch.device) -> dict:
     confusion = torch.zeros(num_classes, num_classes, dtype=torch.float64, device=device)
     sums = torch.zeros(4, dtype=torch.float64, device=device)  # loss, top1, top5, unusable
     if views is not None:
-        for batch in views.iter_torch_batches(batch_size=max(1, cfg.train.batch_size // cfg.train.num_workers)):
+        for batch in views.iter_torch_batches(batch_size=max(1, cfg.train.batch_size // dist_world())):
             valid = batch["valid"].to(device)
             sums[3] += (~valid).sum()
             if not valid.any():
@@ -198,7 +202,13 @@ def forward_backward(ts: TrainingState, batch: dict, cfg: Config, device: torch.
                      mix_rng: np.random.Generator, erase_rng: np.random.Generator, sync: bool) -> torch.Tensor:
     """One micro-batch of the recipe on the device: augmentation (when the clips came as whole frames),
     normalisation, random erasing, mixup/cutmix, forward and backward (gradients all-reduced when
-    `sync`). Returns [loss, unusable clips, 1] on the device, for running sums read once per interval."""
+    `sync`). Returns [summed loss, unusable clips, usable clips] on the device, for running sums read
+    once per interval.
+
+    The loss is summed over the micro-batch's clips and divided by each worker's mean share of the
+    global batch (`train.batch_size / world`): DDP averages over workers, so every step's gradient is
+    the mean over its `train.batch_size` clips however they were spread over workers and micro-batches.
+    """
     valid_host = batch["valid"]
     valid = valid_host.to(device, non_blocking=True)
     clips = normalize_on_device(clips_on_device(batch, cfg.data, device), cfg.data.mean, cfg.data.std)
@@ -212,9 +222,10 @@ def forward_backward(ts: TrainingState, batch: dict, cfg: Config, device: torch.
     with (contextlib.nullcontext() if sync or world == 1 else ts.model.no_sync()), autocast(cfg, device):
         logits = ts.model(clips)
         per_clip = torch.sum(-targets * F.log_softmax(logits.float(), dim=-1), dim=-1)
-        loss = (per_clip * valid).sum() / valid.sum().clamp(min=1)
-        ts.scaler.scale(loss / cfg.optim.grad_accum_steps).backward()
-    return torch.stack([loss.detach().double(), (~valid).sum().double(), loss.new_ones((), dtype=torch.float64)])
+        loss_sum = (per_clip * valid).sum()
+        ts.scaler.scale(loss_sum * (world / cfg.train.batch_size)).backward()
+    usable = valid.sum().double()
+    return torch.stack([loss_sum.detach().double(), valid.numel() - usable, usable])
 
 
 def optimizer_step(ts: TrainingState, cfg: Config) -> None:
@@ -247,7 +258,8 @@ def train_loop_per_worker(loop_config: dict) -> None:
         check_resumable(state, identity)
     ts = build_training_state(cfg, device, ray.train.torch.prepare_model, state)
     model, net, optimizer, ema = ts.model, ts.net, ts.optimizer, ts.ema
-    micro_batch = cfg.train.batch_size // (world * cfg.optim.grad_accum_steps)
+    share = worker_share(cfg, world, rank)  # this rank's clips and micro-batches per step, at this group size
+    micro_batch = share.largest_micro_batch()
     base_lr = cfg.base_lr()
     epoch_steps = steps_per_epoch(cfg, num_train_videos)
     total_steps = epoch_steps * cfg.optim.epochs
@@ -264,12 +276,16 @@ def train_loop_per_worker(loop_config: dict) -> None:
     metric_queue = MetricQueue(client_for(cfg), run_id) if is_rank0 and run_id else None
     pin = device.type == "cuda"  # pinned host batches let the copies below overlap compute
     if loop_config.get("data_source") == "memory":
-        batches, val_views = memory_batches(cfg, micro_batch, seed=cfg.train.seed + rank, pin=pin), None
+        host_batches, val_views = memory_batches(cfg, micro_batch, seed=cfg.train.seed + rank, pin=pin), None
     else:
         # One iterator over every remaining epoch; each epoch takes its steps' batches from it.
-        batches = stream_from(iter(ray.train.get_dataset_shard(TRAIN).iter_torch_batches(
-            batch_size=micro_batch, drop_last=True, prefetch_batches=2, collate_fn=TrainBatch(pin))), start_epoch)
+        host_batches = stream_from(iter(ray.train.get_dataset_shard(TRAIN).iter_torch_batches(
+            batch_size=micro_batch, drop_last=False, prefetch_batches=2, collate_fn=TrainBatch(pin))), start_epoch)
         val_views = ray.train.get_dataset_shard(VAL) if cfg.data.val_split in manifest["split"].to_pylist() else None
+    batches = StepBatches(host_batches)
+    if is_rank0:
+        log.info(f"{world} workers: {share.clips(0)} clips per worker and step in {share.accum} micro-batches "
+                 f"(global batch {cfg.train.batch_size})")
     with system_metrics(cfg, run_id):
         for epoch in range(start_epoch, cfg.optim.epochs):
             # Every random draw derives from (seed, rank, epoch): a resumed run repeats an uninterrupted one.
@@ -278,7 +294,7 @@ def train_loop_per_worker(loop_config: dict) -> None:
             erase_rng = np.random.default_rng([cfg.train.seed, rank, epoch, 1])  # mixup's draws stay as they were
             model.train()
             # Running sums stay on the device and are read once per log interval: no per-step sync.
-            sums = torch.zeros(3, dtype=torch.float64, device=device)  # loss, skipped clips, micro-steps
+            sums = torch.zeros(3, dtype=torch.float64, device=device)  # summed loss, skipped clips, usable clips
             interval_t0, interval_wait_s, interval_clips = time.perf_counter(), 0.0, 0
             epoch_t0, epoch_wait_s, epoch_clips = interval_t0, 0.0, 0
             for epoch_step in range(epoch_steps):
@@ -286,19 +302,20 @@ def train_loop_per_worker(loop_config: dict) -> None:
                                           base_lr=base_lr, min_lr=cfg.optim.min_lr)
                 for group in optimizer.param_groups:
                     group["lr"] = lr
-                for micro in range(cfg.optim.grad_accum_steps):
+                micro_batches = share.micro_batches(step)
+                for micro, clips in enumerate(micro_batches):
                     t_wait = time.perf_counter()
-                    batch = next(batches)
+                    batch = batches.take(clips)
                     interval_wait_s += time.perf_counter() - t_wait
                     sums += forward_backward(ts, batch, cfg, device, world=world, mix_rng=mix_rng, erase_rng=erase_rng,
-                                             sync=micro == cfg.optim.grad_accum_steps - 1)
-                    interval_clips += len(batch["label"]) * world
+                                             sync=micro == len(micro_batches) - 1)
+                interval_clips += cfg.train.batch_size
                 optimizer_step(ts, cfg)
                 step += 1
                 if step % cfg.tracking.log_every_steps == 0 or epoch_step == epoch_steps - 1:
-                    loss_sum, skipped, micro_steps = sums.tolist()  # the one device sync of the interval
+                    loss_sum, skipped, usable = sums.tolist()  # the one device sync of the interval
                     interval_s = time.perf_counter() - interval_t0
-                    train_loss = loss_sum / max(micro_steps, 1)
+                    train_loss = loss_sum / max(usable, 1)
                     if metric_queue:
                         metric_queue.log({"train_loss": train_loss, "lr": lr, "epoch": epoch, "skipped_clips": skipped,
                                           "clips_per_s": interval_clips / interval_s,
