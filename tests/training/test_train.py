@@ -104,14 +104,17 @@ def test_a_lost_worker_resumes_from_the_checkpoint_and_finishes_the_same_run(tmp
     assert len(speeds) >= 4 and all(m.value > 0 for m in speeds)  # a recovered epoch logs twice
 
 
-def test_resume_continues_at_the_checkpoints_step_and_epoch(tmp_path, motion_set, two_node_cluster):
+def test_resume_on_fewer_workers_continues_at_the_checkpoints_step_and_epoch(tmp_path, motion_set, two_node_cluster):
     # A relative manifest path: Train workers run in other folders, so the driver must resolve it.
     short = (f"data.manifest={os.path.relpath(motion_set, ROOT)}", "train.max_steps_per_epoch=2",
              "optim.warmup_epochs=0")
     first, _ = run_train(tmp_path, two_node_cluster, *short, "train.run_name=resume", "optim.epochs=1")
     assert (first["epochs"], first["steps"]) == (1, 2)
-    resumed, log = run_train(tmp_path, two_node_cluster, *short, "train.run_name=resume", "optim.epochs=2")
+    # On one worker instead of two: the global batch of 16 clips stays, in 2 micro-batches of 8 as before.
+    resumed, log = run_train(tmp_path, two_node_cluster, *short, "train.run_name=resume", "optim.epochs=2",
+                             "train.num_workers=1", "optim.grad_accum_steps=2")
     assert "resumed from checkpoint at epoch 1, step 2" in log
+    assert "1 workers: 16 clips per worker and step in 2 micro-batches (global batch 16)" in log
     assert "clip stream starts at epoch 1" in log  # the stream was built from the checkpoint, not epoch 0
     assert (resumed["epochs"], resumed["steps"], resumed["run_id"]) == (2, 4, first["run_id"])
 
