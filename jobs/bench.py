@@ -105,8 +105,9 @@ def _add_dataset_args(p: argparse.ArgumentParser) -> None:
 
 def _add_train(sub: argparse._SubParsersAction) -> argparse.ArgumentParser:
     p = sub.add_parser("train", help="training clips/s on the clip stream against in-memory clips",
-                       description="Runs the training loop on Ray Train twice, fed by the Ray Data clip stream "
-                       "and from memory, and reports clips/s of each and the data-stall fraction. "
+                       description="Runs the training loop on Ray Train three times: fed by the Ray Data clip stream "
+                       "and from memory, which give the data-stall fraction, and from memory checkpointing every epoch, which gives "
+                       "a checkpointing step beside a plain one. "
                        f"The config defaults to {DEMO_CONFIG.relative_to(DEMO_CONFIG.parents[2])}.")
     _add_dataset_args(p)
     p.add_argument("--epochs", type=int_at_least(2), default=2, help="epochs per run; the last is measured (default 2)")

@@ -13,7 +13,11 @@ first epoch's start-up (process groups, model build) stays out of the figures wh
 own Ray Data start-up, a real cost, stays in. Nothing is logged to MLflow.
 
 data_stall_fraction = 1 - stream clips/s / memory clips/s: the share of training speed the data
-pipeline costs. On a GPU cluster it should be near 0; on a 2-core CPU machine decode and training
+pipeline costs. A third run from memory checkpoints after every epoch: its last epoch reports what
+the previous checkpoint held the step path (`checkpoint_blocking_s`: the copy to host memory and
+Ray's report) and how long its write and upload took in the background (`checkpoint_write_s`, what a
+synchronous save would have added), with that epoch's step time beside the plain run's;
+checkpoint_step_over_plain = (plain step + blocking) / plain step. On a GPU cluster it should be near 0; on a 2-core CPU machine decode and training
 share the cores, so the stream is slower for want of CPU as well as for waiting.
 
     uniformer bench train --tracking-outage 60
@@ -87,15 +91,19 @@ def run_train_bench(cfg: Config, *, manifest_uri: str = "", epochs: int = 2, ste
                               "precision": cfg.train.precision, "manifest": cfg.data.manifest, "epochs": epochs,
                               "cpus": os.cpu_count(), "load_avg_1m": round(os.getloadavg()[0], 2)}
     try:
-        for source in SOURCES:
-            progress(f"{source}: {epochs} epochs of at most {steps} steps on {cfg.train.num_workers} workers")
-            run_cfg = dataclasses.replace(cfg, train=dataclasses.replace(cfg.train,
-                                                                         run_name=f"bench-{source}-{stamp}"))
+        # (name, batches, checkpoint every): the stream and memory checkpoint after their last epoch only,
+        # so the measured epoch has no checkpoint; the third run checkpoints after every epoch.
+        for name, source, every in [*((source, source, epochs) for source in SOURCES), ("checkpointing", "memory", 1)]:
+            progress(f"{name}: {epochs} epochs of at most {steps} steps on {cfg.train.num_workers} workers")
+            run_cfg = dataclasses.replace(cfg, train=dataclasses.replace(
+                cfg.train, run_name=f"bench-{name}-{stamp}", checkpoint_every_epochs=every))
             t0 = time.perf_counter()
             metrics = make_trainer(run_cfg, None, data_source=source).fit().metrics
-            result[source] = {"clips_per_s": round(metrics["epoch_clips_per_s"], 2),
-                              "data_wait_fraction": round(metrics["epoch_data_wait_fraction"], 4),
-                              "steps": metrics["step"], "seconds": round(time.perf_counter() - t0, 1)}
+            result[name] = {"clips_per_s": round(metrics["epoch_clips_per_s"], 2),
+                            "data_wait_fraction": round(metrics["epoch_data_wait_fraction"], 4),
+                            "step_s": round(metrics["epoch_step_s"], 4),
+                            "steps": metrics["step"], "seconds": round(time.perf_counter() - t0, 1),
+                            **{k: round(v, 4) for k, v in metrics.items() if k.startswith("checkpoint_")}}
     finally:
         if started:
             import ray
@@ -103,6 +111,10 @@ def run_train_bench(cfg: Config, *, manifest_uri: str = "", epochs: int = 2, ste
             ray.shutdown()
     result["stream_over_memory"] = round(result["stream"]["clips_per_s"] / result["memory"]["clips_per_s"], 3)
     result["data_stall_fraction"] = round(1 - result["stream_over_memory"], 3)
+    # A checkpointing step: a plain step plus what the checkpoint held the step path (host copy, report);
+    # the write and upload ran beside the next epoch's steps, which `checkpointing.step_s` measures.
+    plain_s, blocking_s = result["memory"]["step_s"], result["checkpointing"]["checkpoint_blocking_s"]
+    result["checkpoint_step_over_plain"] = round((plain_s + blocking_s) / plain_s, 3)
     return result
 
 

@@ -67,9 +67,14 @@ def test_bench_train_stream_against_memory(tmp_path, capsys, ray_local):
                           "train.batch_size=8"])
     line = json.loads(capsys.readouterr().out.strip().splitlines()[-1])
     assert line["bench"] == "train" and line["variant"] == "uniformer_xs"  # the demo config by default
-    for source in ("stream", "memory"):
-        assert summary[source]["steps"] == 4  # 2 epochs x 2 steps
-        assert summary[source]["clips_per_s"] > 0
+    for run in ("stream", "memory", "checkpointing"):
+        assert summary[run]["steps"] == 4  # 2 epochs x 2 steps
+        assert summary[run]["clips_per_s"] > 0 and summary[run]["step_s"] > 0
+    # Only the checkpointing run's measured epoch follows a checkpoint: what it held the step path, and its write.
+    assert "checkpoint_blocking_s" not in summary["memory"]
+    assert summary["checkpointing"]["checkpoint_blocking_s"] > 0 and summary["checkpointing"]["checkpoint_write_s"] > 0
+    blocking = summary["checkpointing"]["checkpoint_blocking_s"]
+    assert summary["checkpoint_step_over_plain"] == pytest.approx(1 + blocking / summary["memory"]["step_s"], abs=2e-3)
     # From memory the loop never waits; the stream at least waits for each epoch's first batch.
     assert summary["memory"]["data_wait_fraction"] < 0.05
     assert summary["stream"]["data_wait_fraction"] > summary["memory"]["data_wait_fraction"]
