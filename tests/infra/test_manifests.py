@@ -382,6 +382,9 @@ def test_images_install_from_hash_locks():
     assert re.search(rf"^ARG TORCH_VERSION={re.escape(torch.__version__.split('+')[0])}$",
                      (DOCKER / "project.Dockerfile").read_text(), re.M)
     assert server["psycopg"].startswith("3.") and "psycopg-binary" in server
+    # The GPU image adds NVML's bindings (GPU figures in the system metrics), hash-locked like the rest.
+    gpu = lock_pins(DOCKER / "gpu-requirements.lock")
+    assert "nvidia-ml-py" in gpu and "-r /tmp/gpu-requirements.lock" in (DOCKER / "project.Dockerfile").read_text()
     for dockerfile in ("project.Dockerfile", "mlflow.Dockerfile"):
         text = (DOCKER / dockerfile).read_text()
         assert "--require-hashes" in text and re.search(r"^FROM \$\{BASE_IMAGE\}$", text, re.M), dockerfile
@@ -398,7 +401,8 @@ def test_locks_cover_their_inputs():
     project = tomllib.loads((ROOT / "pyproject.toml").read_text())["project"]["dependencies"]
     wanted = requirement_names((DOCKER / "requirements.in").read_text().splitlines())
     assert requirement_names(project) - {"torch"} <= wanted, "pyproject.toml and requirements.in disagree"
-    for lock, source in (("requirements.lock", "requirements.in"), ("mlflow-requirements.lock", "mlflow-requirements.in")):
+    for lock, source in (("requirements.lock", "requirements.in"), ("mlflow-requirements.lock", "mlflow-requirements.in"),
+                         ("gpu-requirements.lock", "gpu-requirements.in")):
         pinned = {name.replace("_", "-") for name in lock_pins(DOCKER / lock)}
         missing = requirement_names((DOCKER / source).read_text().splitlines()) - pinned
         assert not missing, f"{lock} lacks {sorted(missing)}: rerun infra/docker/lock.py"
