@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import argparse
 import dataclasses
+import math
 import re
 import types
 import typing
@@ -226,13 +227,16 @@ def _coerce(key: str, value: Any, hint: Any) -> Any:
         return value
     if hint is float:
         if isinstance(value, str):  # YAML 1.1 reads "1e-4" (no dot) as a string
-            try:
-                value = float(value)
-            except ValueError:
-                pass
+            value = _float_text(value)
         if isinstance(value, bool) or not isinstance(value, (int, float)):
             raise ConfigError(f"{key}: expected a number, got {value!r}")
-        return float(value)
+        try:
+            number = float(value)
+        except OverflowError:  # an integer past float's range
+            number = math.inf
+        if not math.isfinite(number):  # YAML's .inf and .nan, or 1e999
+            raise ConfigError(f"{key} must be a finite number, got {value!r}")
+        return number
     if hint is str:
         if not isinstance(value, str):
             raise ConfigError(f"{key}: expected a string, got {value!r}")
@@ -262,10 +266,20 @@ def _build(cls: type, values: dict[str, Any], prefix: str) -> Any:
 _INT_TEXT = re.compile(r"[+-]?[0-9]+")
 
 
+# A decimal number, or inf/nan (parsed so that _coerce names them as not finite). Not float()'s own
+# grammar, which also reads "1_0" as ten.
+_FLOAT_TEXT = re.compile(r"[+-]?(?:(?:[0-9]+\.?[0-9]*|\.[0-9]+)(?:[eE][+-]?[0-9]+)?|inf|infinity|nan)", re.I)
+
+
+def _float_text(text: str) -> float | str:
+    """`text` as a float when it is a plain decimal number (or inf/nan), else the text itself."""
+    return float(text) if _FLOAT_TEXT.fullmatch(text.strip()) else text
+
+
 def _parse_text(key: str, raw: str, hint: Any) -> Any:
     """An override's text as a field's type. Strings are taken verbatim ("exp #3" stays whole);
-    numbers and booleans are strict ("010" is ten, never YAML's octal eight; only true/false are
-    booleans); lists are comma-separated, with optional brackets."""
+    numbers and booleans are strict ("010" is ten, never YAML's octal eight; "1_0" is no number; only
+    true/false are booleans); lists are comma-separated, with optional brackets."""
     origin = typing.get_origin(hint)
     if origin is Literal:
         allowed = typing.get_args(hint)
@@ -283,10 +297,7 @@ def _parse_text(key: str, raw: str, hint: Any) -> Any:
     if hint is int:
         return int(raw) if _INT_TEXT.fullmatch(raw.strip()) else raw
     if hint is float:
-        try:
-            return float(raw)
-        except ValueError:
-            return raw
+        return _float_text(raw)
     return raw
 
 

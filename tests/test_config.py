@@ -1,3 +1,5 @@
+import re
+
 import pytest
 
 from pipeline.config import Config, ConfigError, config_from_dict, load_config
@@ -128,3 +130,65 @@ def test_min_lr_is_checked_against_the_scaled_learning_rate():
     with pytest.raises(ConfigError, match=r"optim\.min_lr must be in \[0, the scaled learning rate 2\.5e-05\]"):
         load_config(None, ["train.batch_size=8", "optim.min_lr=5e-5", "train.num_workers=1"])
     assert load_config(None, ["train.batch_size=8", "optim.min_lr=2e-5", "train.num_workers=1"]).base_lr() == 2.5e-5
+
+
+def float_keys() -> list[tuple[str, int]]:
+    """Every float key of the config with its arity (1, or the length of a tuple of floats)."""
+    import dataclasses
+    import typing
+
+    keys = []
+    for section, cls in typing.get_type_hints(Config).items():
+        if not dataclasses.is_dataclass(cls):
+            continue
+        for name, hint in typing.get_type_hints(cls).items():
+            args = typing.get_args(hint)
+            if hint is float or (typing.get_origin(hint) is tuple and args and all(a is float for a in args)):
+                keys.append((f"{section}.{name}", len(args) or 1))
+    return keys
+
+
+def test_float_keys_are_found():
+    keys = dict(float_keys())
+    assert keys["optim.lr_per_32_videos"] == 1 and keys["optim.weight_decay"] == 1 and keys["data.mean"] == 3
+
+
+@pytest.mark.parametrize("text", ["inf", "-inf", "nan", "1e999"])
+def test_every_float_key_refuses_non_finite_values(text):
+    for key, arity in float_keys():
+        value = ",".join([text] + ["1"] * (arity - 1))
+        with pytest.raises(ConfigError, match=rf"^{re.escape(key)} must be a finite number, got "):
+            load_config(None, [f"{key}={value}"])
+
+
+@pytest.mark.parametrize("text", [".inf", "-.inf", ".nan", ".NaN", "1e999", "'inf'"])
+def test_yaml_non_finite_numbers_are_refused(tmp_path, text):
+    path = tmp_path / "c.yaml"
+    for key in ("lr_per_32_videos", "weight_decay"):
+        path.write_text(f"optim:\n  {key}: {text}\n")
+        with pytest.raises(ConfigError, match=rf"^optim\.{key} must be a finite number, got "):
+            load_config(path)
+    path.write_text(f"optim:\n  betas: [0.9, {text}]\n")
+    with pytest.raises(ConfigError, match=r"^optim\.betas must be a finite number, got "):
+        load_config(path)
+
+
+@pytest.mark.parametrize("override, message", [
+    ("optim.lr_per_32_videos=1_0", r"^optim\.lr_per_32_videos: expected a number, got '1_0'"),
+    ("optim.weight_decay=0.0_5", r"^optim\.weight_decay: expected a number, got '0\.0_5'"),
+    ("data.scale=0.08,1_0", r"^data\.scale: expected a number, got '1_0'"),
+    ("optim.epochs=1_0", r"^optim\.epochs: expected an integer, got '1_0'"),
+    ("optim.lr_per_32_videos=0x10", r"^optim\.lr_per_32_videos: expected a number, got '0x10'"),
+])
+def test_numbers_are_parsed_strictly(override, message):
+    with pytest.raises(ConfigError, match=message):
+        load_config(None, [override])
+
+
+def test_yaml_number_strings_are_parsed_strictly(tmp_path):
+    path = tmp_path / "c.yaml"
+    path.write_text("optim:\n  lr_per_32_videos: 2e-4\n  weight_decay: '1_0'\n")  # YAML 1.1: 2e-4 is a string
+    with pytest.raises(ConfigError, match=r"^optim\.weight_decay: expected a number, got '1_0'"):
+        load_config(path)
+    path.write_text("optim:\n  lr_per_32_videos: 2e-4\n")
+    assert load_config(path).optim.lr_per_32_videos == 2e-4

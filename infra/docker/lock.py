@@ -4,6 +4,7 @@
     cd infra/docker
     python lock.py requirements.lock -r requirements.in
     python lock.py mlflow-requirements.lock -r mlflow-requirements.in
+    python lock.py gpu-requirements.lock -r gpu-requirements.in        # the GPU image's additions
 
 The images install with `pip install --require-hashes --no-deps -r <lock>`, so a build gets exactly
 these files or fails. torch is not in the lock (project.Dockerfile pins it by version per image:

@@ -432,6 +432,15 @@ def ray_storage(uri: str, *, storage: StorageConfig = _DEFAULT) -> tuple[str, ob
     return os.path.abspath(local_path(uri)), None
 
 
+def storage_uri(path: str, filesystem: object | None) -> str:
+    """The URI of a path that Ray gives with its pyarrow filesystem (a checkpoint's `.path` and
+    `.filesystem`): `s3://bucket/key` on S3, where Ray's path has no scheme; the path itself
+    on local disk or any other filesystem."""
+    if getattr(filesystem, "type_name", None) == "s3" and "://" not in path:
+        return f"s3://{path.lstrip('/')}"
+    return path
+
+
 # ---------------------------------------------------------------------------------------------
 # Writes (local writes are atomic: a temporary file renamed into place)
 

@@ -2,7 +2,7 @@
 workers, and metrics that belong to a logged model (MLflow 3 model metrics).
 
     metrics = MetricQueue(client, run_id); metrics.log({...}, step)   # rank 0
-    with system_metrics(cfg, run_id): ...                             # each training worker
+    with system_metrics(cfg, run_id): ...                             # each training worker (a sampler thread)
 """
 
 from __future__ import annotations
@@ -55,8 +55,8 @@ class MetricQueue:
         self.thread = threading.Thread(target=self._send_forever, name="mlflow-metrics", daemon=True)
         self.thread.start()
 
-    def log(self, metrics: dict[str, float], step: int) -> None:
-        now = int(time.time() * 1000)
+    def log(self, metrics: dict[str, float], step: int, *, timestamp_ms: int | None = None) -> None:
+        now = int(time.time() * 1000) if timestamp_ms is None else timestamp_ms
         with self.cond:
             self.pending.extend(Metric(k, float(v), now, step) for k, v in metrics.items())
             overflow = len(self.pending) - self.max_pending
@@ -114,12 +114,113 @@ class MetricQueue:
         return undelivered
 
 
+class SystemMetricsSampler:
+    """This node's CPU, memory, disk and network figures (and GPU with `nvidia-ml-py`) into a run as
+    `<prefix><name>`, sampled every `sampling_interval_s` by MLflow's own collectors on a daemon thread.
+
+    Nothing on the caller's thread waits on the tracking server: the thread hands each sample to a
+    `MetricQueue`, which keeps it through an outage and sends it when the server is back, and the
+    sampling itself never stops for a failed request (MLflow's `SystemMetricsMonitor` read the run
+    on the caller's thread, and its thread ended at the first request that failed). Samples are
+    numbered on from the prefix's last step in the run, so a worker that starts again continues its
+    series; the thread reads that step, and holds the samples taken until the server answers.
+    `close` stops the sampling and delivers what is queued (waiting at most `timeout_s`).
+    """
+
+    MAX_HELD = 10_000  # samples held while the run's last step is unknown (a day at 10 s)
+
+    def __init__(self, client: MlflowClient, run_id: str, *, prefix: str, sampling_interval_s: float = 10.0,
+                 retry_s: tuple[float, float] = (1.0, 30.0)):
+        import threading
+
+        self.client, self.run_id, self.prefix = client, run_id, prefix
+        self.sampling_interval_s = sampling_interval_s
+        self.queue = MetricQueue(client, run_id, retry_s=retry_s)
+        self.stopping = threading.Event()
+        self.thread = threading.Thread(target=self._sample_forever, name="system-metrics", daemon=True)
+        self.thread.start()
+
+    def _sample_forever(self) -> None:
+        import collections
+
+        monitors = metric_monitors()
+        held: collections.deque[tuple[dict[str, float], int]] = collections.deque(maxlen=self.MAX_HELD)
+        next_step, warned = None, False
+        while not self.stopping.wait(self.sampling_interval_s):
+            values: dict[str, float] = {}
+            for monitor in monitors:
+                try:
+                    monitor.collect_metrics()
+                    values.update(monitor.aggregate_metrics())
+                except Exception as err:  # noqa: BLE001 - one failing collector never ends the sampling
+                    if not warned:
+                        _log.warning("system metrics: %s failed: %s", type(monitor).__name__, err)
+                    warned = True
+                finally:
+                    monitor.clear_metrics()
+            held.append(({self.prefix + k: v for k, v in values.items()}, int(time.time() * 1000)))
+            if next_step is None:
+                next_step = self._next_step()
+            while next_step is not None and held:
+                sample, timestamp_ms = held.popleft()
+                self.queue.log(sample, next_step, timestamp_ms=timestamp_ms)
+                next_step += 1
+
+    def _next_step(self) -> int | None:
+        """One past the prefix's last step in the run (0 for none), or None while the server fails."""
+        from mlflow.exceptions import MlflowException
+
+        try:
+            run = self.client.get_run(self.run_id)
+        except MlflowException as err:
+            if err.error_code == "RESOURCE_DOES_NOT_EXIST":
+                return 0
+            return None
+        except Exception:  # noqa: BLE001 - unreachable or failing: asked again at the next sample
+            return None
+        steps = [m.step for m in run.data.to_proto().metrics if m.key.startswith(self.prefix)]
+        return max(steps) + 1 if steps else 0
+
+    def close(self, timeout_s: float = 60.0) -> int:
+        """Stop sampling and deliver what is queued; returns the count of metrics left undelivered."""
+        deadline = time.monotonic() + timeout_s
+        self.stopping.set()
+        # At once unless the thread is reading the run's last step from a server that does not answer.
+        self.thread.join(timeout=timeout_s)
+        return self.queue.close(timeout_s=max(0.0, deadline - time.monotonic()))
+
+
+def metric_monitors() -> list:
+    """MLflow's collectors for this machine: CPU and memory, disk, network, and NVIDIA (`nvidia-ml-py`)
+    or AMD (`pyrsmi`) GPUs where their libraries and devices are present."""
+    import psutil
+    from mlflow.system_metrics.metrics.cpu_monitor import CPUMonitor
+    from mlflow.system_metrics.metrics.disk_monitor import DiskMonitor
+    from mlflow.system_metrics.metrics.gpu_monitor import GPUMonitor
+    from mlflow.system_metrics.metrics.network_monitor import NetworkMonitor
+    from mlflow.system_metrics.metrics.rocm_monitor import ROCMMonitor
+
+    psutil.cpu_percent()  # starts the CPU counter: the first sample covers its interval, not 0.0
+    monitors = [CPUMonitor(), DiskMonitor(), NetworkMonitor()]
+    for gpu in (GPUMonitor, ROCMMonitor):
+        try:
+            monitors.append(gpu())
+            break
+        except Exception:  # noqa: BLE001 - no library or no device: no GPU figures
+            continue
+    else:
+        _log.info("system metrics: no GPU figures (needs nvidia-ml-py and an NVIDIA GPU, or pyrsmi)")
+    return monitors
+
+
 @contextlib.contextmanager
-def system_metrics(cfg: Config, run_id: str, *, local_rank: int | None = None,
-                   node_rank: int | None = None, sampling_interval_s: float = 10.0) -> Iterator[None]:
+def system_metrics(cfg: Config, run_id: str, *, local_rank: int | None = None, node_rank: int | None = None,
+                   sampling_interval_s: float = 10.0, retry_s: tuple[float, float] = (1.0, 30.0)) -> Iterator[None]:
     """CPU, memory, disk, network (and GPU with `nvidia-ml-py`) metrics of this node into the run,
     as `system/node_<rank>/...`, from the process with local rank 0 only; a no-op when
-    `tracking.system_metrics` is false or there is no run. Ranks come from the Ray Train context when not given."""
+    `tracking.system_metrics` is false or there is no run. Ranks come from the Ray Train context when
+    not given. A `SystemMetricsSampler`: entering makes no request to the tracking server, and an
+    outage neither stalls the caller nor ends the sampling (`retry_s`: the queue's backoff)."""
     if not cfg.tracking.system_metrics or not run_id:
         yield
         return
@@ -136,15 +237,12 @@ def system_metrics(cfg: Config, run_id: str, *, local_rank: int | None = None,
     if local_rank != 0:
         yield
         return
-    from mlflow.system_metrics.system_metrics_monitor import SystemMetricsMonitor
-
-    monitor = SystemMetricsMonitor(run_id, sampling_interval=sampling_interval_s, resume_logging=True,
-                                   node_id=f"node_{node_rank}", tracking_uri=tracking_uri(cfg))
-    monitor.start()
+    sampler = SystemMetricsSampler(MlflowClient(tracking_uri(cfg)), run_id, prefix=f"system/node_{node_rank}/",
+                                   sampling_interval_s=sampling_interval_s, retry_s=retry_s)
     try:
         yield
     finally:
-        monitor.finish()
+        sampler.close()
 
 
 def log_model_metrics(client: MlflowClient, run_id: str, model_id: str, metrics: dict[str, float], *,

@@ -12,6 +12,7 @@ import pyarrow as pa
 
 from pipeline.config import Config, ConfigError, checkpoint_order, worker_counts
 from pipeline.data.manifest import read_manifest
+from pipeline.data.storage import storage_uri
 from pipeline.tracking.datasets import dataset_labels
 from pipeline.tracking.logged_models import finish_training_run
 from pipeline.tracking.runs import find_or_create_run, mark_failed, ray_run_name, tracking_uri, with_resolved_tracking
@@ -92,12 +93,15 @@ def run_training(cfg: Config, *, new_run: bool = False) -> dict:
     t0 = time.perf_counter()
     try:
         result = make_trainer(cfg, run_id, manifest=manifest, ray_run_name=ray_run_name(cfg, run_id)).fit()
+        # Inside the handler too: a run whose checkpoint cannot be read or whose models cannot be
+        # logged after fit() is FAILED, not left RUNNING.
+        state = load_checkpoint_state(result.checkpoint)
+        models = finish_training_run(cfg, run_id, state, dataset_labels(cfg, manifest))
     except BaseException:
         mark_failed(cfg, run_id)
         raise
-    state = load_checkpoint_state(result.checkpoint)
-    models = finish_training_run(cfg, run_id, state, dataset_labels(cfg, manifest))
-    return {**models, "tracking_uri": tracking_uri(cfg), "checkpoint": result.checkpoint.path,
+    checkpoint = storage_uri(result.checkpoint.path, result.checkpoint.filesystem)  # Ray's S3 path has no s3://
+    return {**models, "tracking_uri": tracking_uri(cfg), "checkpoint": checkpoint,
             "epochs": state["epoch"],
             "steps": state["step"], "seconds": round(time.perf_counter() - t0, 1),
             **{k: v for k, v in state["last_val"].items() if k != "confusion"}}

@@ -244,6 +244,19 @@ def test_ray_storage(s3_bucket, tmp_path):
     assert st.ray_storage(f"file://{tmp_path}/runs") == (f"{tmp_path}/runs", None)
 
 
+def test_storage_uri_puts_the_scheme_back_on_ray_paths(tmp_path):
+    from pyarrow import fs as pafs
+
+    # Constructing these makes no request (the endpoint is never contacted).
+    s3 = pafs.S3FileSystem(region="us-east-1", endpoint_override="127.0.0.1:1", scheme="http")
+    assert st.storage_uri("bucket/runs/demo/checkpoint_000003", s3) == "s3://bucket/runs/demo/checkpoint_000003"
+    assert st.storage_uri(f"{tmp_path}/checkpoint_000003", pafs.LocalFileSystem()) == f"{tmp_path}/checkpoint_000003"
+    assert st.storage_uri(f"{tmp_path}/checkpoint_000003", None) == f"{tmp_path}/checkpoint_000003"
+    # What ray_storage hands Ray comes back as the URI it was made from.
+    path, fs = st.ray_storage("s3://bucket/runs/", storage=StorageConfig(endpoint_url="http://127.0.0.1:1"))
+    assert st.storage_uri(f"{path}/demo", fs) == "s3://bucket/runs/demo"
+
+
 def test_join_and_uri_errors():
     assert st.join("s3://b/p/", "/x/", "y.mp4") == "s3://b/p/x/y.mp4"
     assert st.join("/data", "a") == "/data/a"

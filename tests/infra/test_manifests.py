@@ -382,6 +382,9 @@ def test_images_install_from_hash_locks():
     assert re.search(rf"^ARG TORCH_VERSION={re.escape(torch.__version__.split('+')[0])}$",
                      (DOCKER / "project.Dockerfile").read_text(), re.M)
     assert server["psycopg"].startswith("3.") and "psycopg-binary" in server
+    # The GPU image adds NVML's bindings (GPU figures in the system metrics), hash-locked like the rest.
+    gpu = lock_pins(DOCKER / "gpu-requirements.lock")
+    assert "nvidia-ml-py" in gpu and "-r /tmp/gpu-requirements.lock" in (DOCKER / "project.Dockerfile").read_text()
     for dockerfile in ("project.Dockerfile", "mlflow.Dockerfile"):
         text = (DOCKER / dockerfile).read_text()
         assert "--require-hashes" in text and re.search(r"^FROM \$\{BASE_IMAGE\}$", text, re.M), dockerfile
@@ -398,7 +401,8 @@ def test_locks_cover_their_inputs():
     project = tomllib.loads((ROOT / "pyproject.toml").read_text())["project"]["dependencies"]
     wanted = requirement_names((DOCKER / "requirements.in").read_text().splitlines())
     assert requirement_names(project) - {"torch"} <= wanted, "pyproject.toml and requirements.in disagree"
-    for lock, source in (("requirements.lock", "requirements.in"), ("mlflow-requirements.lock", "mlflow-requirements.in")):
+    for lock, source in (("requirements.lock", "requirements.in"), ("mlflow-requirements.lock", "mlflow-requirements.in"),
+                         ("gpu-requirements.lock", "gpu-requirements.in")):
         pinned = {name.replace("_", "-") for name in lock_pins(DOCKER / lock)}
         missing = requirement_names((DOCKER / source).read_text().splitlines()) - pinned
         assert not missing, f"{lock} lacks {sorted(missing)}: rerun infra/docker/lock.py"
@@ -478,3 +482,41 @@ def test_aws_image_and_auth(aws):
     assert not any("pip install" in c for c in aws.get("setup_commands", []))
     for key in ("head_start_ray_commands", "worker_start_ray_commands"):
         assert any("RAY_AUTH_MODE=token ray start" in c and "--metrics-export-port" in c for c in aws[key])
+
+
+# --- capacity: the recipes on the cluster files ------------------------------------------------
+
+TARGET_GPU_NODES = 8  # the K400 runs are planned on 8 nodes x 8 GPUs (issue 23)
+GPU_RECIPES = [p for p in sorted((INFRA / "configs").rglob("*.yaml"))
+               if (yaml.safe_load(p.read_text()).get("train") or {}).get("use_gpu")]
+
+
+def gpu_capacity() -> dict[str, tuple[int, int, float]]:
+    """(most GPU nodes, GPUs per node, CPUs per node) of the GPU workers of each cluster file."""
+    aws = load_docs(INFRA / "cluster" / "aws.yaml")[0]
+    types = aws["available_node_types"]
+    name, gpu = next((n, t) for n, t in types.items() if t["resources"].get("GPU", 0) > 0)
+    # The launcher's max_workers caps all worker nodes together; the other types' minimum stays up.
+    others = sum(t.get("min_workers", 0) for n, t in types.items() if n not in (name, aws["head_node_type"]))
+    out = {"aws": (min(gpu["max_workers"], aws["max_workers"] - others), gpu["resources"]["GPU"],
+                   gpu["resources"]["CPU"])}
+    for kind, spec in cluster_specs().items():
+        group = next(g for g in spec["workerGroupSpecs"] if g["groupName"] == "gpu")
+        limits = ray_pods(kind)["gpu"][1]["containers"][0]["resources"]["limits"]
+        out[kind] = (group["maxReplicas"], int(limits["nvidia.com/gpu"]), quantity(limits["cpu"]))
+    return out
+
+
+def test_gpu_recipes_are_found():
+    assert {"k400_uniformer_s16x4.yaml", "ssv2_uniformer_b16.yaml"} <= {p.name for p in GPU_RECIPES}
+
+
+@pytest.mark.parametrize("cluster", ["aws", "raycluster", "rayjob"])
+def test_gpu_capacity_holds_the_recipes(cluster):
+    nodes, gpus, cpus = gpu_capacity()[cluster]
+    assert nodes >= TARGET_GPU_NODES, f"{cluster}: GPU nodes capped at {nodes}, below the {TARGET_GPU_NODES} planned"
+    for path in GPU_RECIPES:
+        cfg = load_config(path, ["model.require_init=false"])
+        assert cfg.train.num_workers <= nodes * gpus, f"{path.name} on {cluster}: {nodes} x {gpus} GPUs"
+        # One worker per GPU: a full node's workers get their CPUs with some left for decoding.
+        assert gpus * cfg.train.cpus_per_worker < cpus, f"{path.name} on {cluster}: {cpus} CPUs per node"

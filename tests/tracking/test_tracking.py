@@ -109,6 +109,57 @@ def test_a_failed_training_marks_its_run_failed(embedded, monkeypatch):
     mark_failed(unreachable, run_id)  # warns, never raises over the training's own error
 
 
+@pytest.fixture
+def fitted(embedded, monkeypatch):
+    """`run_training` on the embedded default with Ray Train's part faked: fit() returns at once with a
+    checkpoint on S3 as Ray gives it (a path without scheme, and its pyarrow filesystem); returns
+    the run ids run_training opened."""
+    from types import SimpleNamespace
+
+    from pyarrow import fs as pafs
+
+    from pipeline.training import driver
+
+    s3 = pafs.S3FileSystem(region="us-east-1", endpoint_override="127.0.0.1:1", scheme="http")  # never contacted
+    result = SimpleNamespace(checkpoint=SimpleNamespace(path="bucket/ray_results/run/checkpoint_000002", filesystem=s3))
+    monkeypatch.setattr("pipeline.cluster.connect.init_ray", lambda: False)
+    monkeypatch.setattr(driver, "make_trainer", lambda *args, **kwargs: SimpleNamespace(fit=lambda: result))
+    monkeypatch.setattr(driver, "load_checkpoint_state",
+                        lambda checkpoint: {"epoch": 2, "step": 4, "last_val": {"val_top1": 0.5}})
+    monkeypatch.setattr(driver, "finish_training_run", lambda cfg, run_id, state, labels: {"run_id": run_id})
+    run_ids = []
+
+    def find_or_create_run(*args, **kwargs):
+        run_ids.append(find_or_create_run.real(*args, **kwargs))
+        return run_ids[-1]
+
+    find_or_create_run.real = driver.find_or_create_run
+    monkeypatch.setattr(driver, "find_or_create_run", find_or_create_run)
+    return run_ids
+
+
+@pytest.mark.parametrize("failing", ["finish_training_run", "load_checkpoint_state"])
+def test_a_failure_after_fit_marks_the_run_failed(fitted, tiny_videos, monkeypatch, failing):
+    from pipeline.training import driver
+
+    def unreachable(*args, **kwargs):
+        raise ConnectionError("tracking server or storage unreachable")
+
+    monkeypatch.setattr(driver, failing, unreachable)
+    cfg = tiny_config(manifest=tiny_videos["manifest"])
+    with pytest.raises(ConnectionError):
+        driver.run_training(cfg)
+    assert client_for(cfg).get_run(fitted[0]).info.status == "FAILED"
+
+
+def test_the_train_result_names_an_s3_checkpoint_by_its_uri(fitted, tiny_videos):
+    from pipeline.training import driver
+
+    result = driver.run_training(tiny_config(manifest=tiny_videos["manifest"]))
+    assert result["checkpoint"] == "s3://bucket/ray_results/run/checkpoint_000002"
+    assert result["run_id"] == fitted[0] and result["steps"] == 4
+
+
 def test_system_metrics_come_from_local_rank_zero_only(embedded):
     cfg = tiny_config(run_name="sysmetrics", extra=("tracking.system_metrics=true",))
     run_id = find_or_create_run(cfg)
