@@ -136,6 +136,9 @@ class TrainConfig:
     cpus_per_worker: float = 1.0
     batch_size: int = 32  # global clips per optimizer step (data.repeated_aug clips per video)
     precision: Literal["bf16", "fp16", "fp32"] = "bf16"
+    # How DDP sends gradients between workers: "bf16" halves the bytes of every all-reduce (86 MB -> 43 MB per
+    # step for UniFormer-S) at bf16's 8-bit mantissa; worth it when nodes talk over TCP (see README).
+    grad_compression: Literal["none", "bf16"] = "none"
     seed: int = 0
     val_every_epochs: int = 1
     checkpoint_every_epochs: int = 1
@@ -451,6 +454,7 @@ def accumulation(cfg: Config, world: int) -> int:
 RESUMABLE_KEYS = frozenset({"optim.epochs", "train.val_every_epochs", "train.checkpoint_every_epochs",
                             "train.max_failures", "train.keep_checkpoints", "train.cpus_per_worker",
                             "train.num_workers", "train.min_workers", "optim.grad_accum_steps",
+                            "train.grad_compression",
                             "data.decode_cpus", "data.decode_concurrency", "data.decode_nodes", "data.decode_placement",
                             "data.object_store_budget_gb", "data.inference_cpu_actors",
                             "data.inference_actor_cpus", "data.inference_batch_size",

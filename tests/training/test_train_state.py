@@ -76,3 +76,45 @@ def test_ema_update_follows_the_network():
     for _ in range(3):
         ema.update(net)
     assert ema.updates == 3
+
+
+def ddp_gradients(rank: int, world: int, port: int, compression: str, out: str) -> None:
+    """One rank of a 2-process gloo group: one backward of the tiny model through build_training_state."""
+    import os
+
+    import torch.distributed as dist
+    from torch.nn.parallel import DistributedDataParallel
+
+    os.environ.update(MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port))
+    dist.init_process_group("gloo", rank=rank, world_size=world)
+    try:
+        cfg = load_config(None, [*TINY, f"train.grad_compression={compression}"])
+        state = build_training_state(cfg, torch.device("cpu"), DistributedDataParallel)
+        torch.manual_seed(rank)  # each rank its own clips, as under DDP
+        state.model(torch.randn(2, 3, 8, 64, 64)).square().mean().backward()
+        torch.save({name: p.grad for name, p in state.net.named_parameters()}, f"{out}.{rank}")
+    finally:
+        dist.destroy_process_group()
+
+
+def test_bf16_gradient_compression_sends_gradients_as_bf16(tmp_path):
+    import socket
+
+    import torch.multiprocessing as mp
+
+    grads = {}
+    for compression in ("none", "bf16"):
+        with socket.socket() as sock:
+            sock.bind(("127.0.0.1", 0))
+            port = sock.getsockname()[1]
+        mp.spawn(ddp_gradients, args=(2, port, compression, str(tmp_path / compression)), nprocs=2)
+        ranks = [torch.load(tmp_path / f"{compression}.{r}") for r in range(2)]
+        assert all(torch.equal(ranks[0][k], ranks[1][k]) for k in ranks[0])  # all-reduced: the same on both
+        grads[compression] = ranks[0]
+    big = [k for k, g in grads["none"].items() if g.numel() > 1000]
+    # Compressed, every averaged gradient is a bf16 number; in fp32 most are not.
+    assert all(torch.equal(grads["bf16"][k], grads["bf16"][k].bfloat16().float()) for k in big)
+    assert not all(torch.equal(grads["none"][k], grads["none"][k].bfloat16().float()) for k in big)
+    for k in big:  # ... and the same gradients to bf16's precision (2^-8, rounded three times; relative to the largest)
+        torch.testing.assert_close(grads["bf16"][k], grads["none"][k], rtol=0,
+                                   atol=2e-2 * grads["none"][k].abs().max().item())
