@@ -22,8 +22,9 @@ last dim, the attention stages flatten to (B, N, C) with a view instead of a cop
 convolutions take the token-major entry of `model.dwconv3d` (Triton on CUDA; elsewhere F.conv3d
 on a channels_last_3d view), and the patch embeds' strided convolutions read a channels_last_3d
 view too. `layout="channels_first"` runs the same weights in the original code's
-(B, C, T, H, W) layout with plain nn.Conv3d and BatchNorm3d calls: the reference formulation for
-tests and benchmarks. Parameters and state dicts are the same in both.
+(B, C, T, H, W) layout, op for op as its forward (plain nn.Conv3d and BatchNorm3d calls, the
+same views and copies around the LayerNorms; with `attn_impl="math"` the same attention): the
+reference formulation for tests and benchmarks. Parameters and state dicts are the same in both.
 
 Inference: `fold_batchnorm(net)` returns an eval-only copy with every BatchNorm folded into the
 linear map that follows it.
@@ -220,7 +221,8 @@ class SABlock(nn.Module):
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         x = x + self.pos_embed(x)
         shape = x.shape
-        # (B, N, C), N = T*H*W: a view of a token-major map, a copy of a (B, C, T, H, W) one.
+        # (B, N, C), N = T*H*W: a view in both layouts; of a (B, C, T, H, W) map a strided one, the
+        # original code's x.flatten(2).transpose(1, 2), which the LayerNorms copy.
         x = x.flatten(1, 3) if self.tokens else rearrange(x, "b c t h w -> b (t h w) c")
         x = x + self.drop_path(self.attn(self.norm1(x)))
         x = x + self.drop_path(self.mlp(self.norm2(x)))
