@@ -22,8 +22,9 @@ last dim, the attention stages flatten to (B, N, C) with a view instead of a cop
 convolutions take the token-major entry of `model.dwconv3d` (Triton on CUDA; elsewhere F.conv3d
 on a channels_last_3d view), and the patch embeds' strided convolutions read a channels_last_3d
 view too. `layout="channels_first"` runs the same weights in the original code's
-(B, C, T, H, W) layout with plain nn.Conv3d and BatchNorm3d calls: the reference formulation for
-tests and benchmarks. Parameters and state dicts are the same in both.
+(B, C, T, H, W) layout, op for op as its forward (plain nn.Conv3d and BatchNorm3d calls, the
+same views and copies around the LayerNorms; with `attn_impl="math"` the same attention): the
+reference formulation for tests and benchmarks. Parameters and state dicts are the same in both.
 
 Inference: `fold_batchnorm(net)` returns an eval-only copy with every BatchNorm folded into the
 linear map that follows it.
@@ -33,14 +34,17 @@ Pure PyTorch + einops: nothing here knows about Ray, MLflow, configs or optimize
 
 from __future__ import annotations
 
+import contextlib
 import copy
+import functools
 import inspect
-from typing import Any, Literal, Sequence
+from typing import Any, Iterator, Literal, Sequence
 
 import torch
 import torch.nn as nn
 import torch.nn.functional as F
 from einops import rearrange
+from torch.nn.modules.batchnorm import _BatchNorm
 from torch.utils.checkpoint import checkpoint
 
 from model.dwconv3d import DepthwiseConv3d
@@ -217,7 +221,8 @@ class SABlock(nn.Module):
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         x = x + self.pos_embed(x)
         shape = x.shape
-        # (B, N, C), N = T*H*W: a view of a token-major map, a copy of a (B, C, T, H, W) one.
+        # (B, N, C), N = T*H*W: a view in both layouts; of a (B, C, T, H, W) map a strided one, the
+        # original code's x.flatten(2).transpose(1, 2), which the LayerNorms copy.
         x = x.flatten(1, 3) if self.tokens else rearrange(x, "b c t h w -> b (t h w) c")
         x = x + self.drop_path(self.attn(self.norm1(x)))
         x = x + self.drop_path(self.mlp(self.norm2(x)))
@@ -330,7 +335,11 @@ class UniFormer(nn.Module):
     # -- common face -------------------------------------------------------------------------
 
     def set_grad_checkpointing(self, enable: bool = True, *, stages: Sequence[int] = (1, 2, 3, 4)) -> None:
-        """Recompute the activations of every block of `stages` (1-4) in the backward pass."""
+        """Recompute the activations of every block of `stages` (1-4) in the backward pass.
+
+        Memory only: the same outputs, gradients and BatchNorm running statistics (updated once
+        per forward, not again by the recompute) as without it.
+        """
         bad = [s for s in stages if s not in (1, 2, 3, 4)]
         if bad:
             raise ValueError(f"stages must be among 1, 2, 3, 4; got {list(stages)}")
@@ -395,8 +404,46 @@ class UniFormer(nn.Module):
     def _run_stage(self, stage: int, blocks: nn.ModuleList, x: torch.Tensor) -> torch.Tensor:
         recompute = stage in self.grad_checkpointing_stages and torch.is_grad_enabled()
         for block in blocks:
-            x = checkpoint(block, x, use_reentrant=False) if recompute else block(x)
+            if recompute and torch.compiler.is_compiling():
+                # Traced, the recompute is the partitioner's and updates the buffers once; there
+                # context_fn may only be selective-checkpointing dispatch modes.
+                x = checkpoint(block, x, use_reentrant=False)
+            elif recompute:
+                x = checkpoint(block, x, use_reentrant=False,
+                               context_fn=functools.partial(_recompute_contexts, block))
+            else:
+                x = block(x)
         return x
+
+
+def _recompute_contexts(block: nn.Module) -> tuple[contextlib.nullcontext, contextlib.AbstractContextManager]:
+    """Checkpoint contexts for `block`: the forward as is; the recompute in backward with its
+    BatchNorms' buffers swapped for copies, so one step moves the running statistics once."""
+    return contextlib.nullcontext(), _scratch_batchnorm_buffers(block)
+
+
+@contextlib.contextmanager
+def _scratch_batchnorm_buffers(module: nn.Module) -> Iterator[None]:
+    """BatchNorms inside `module` update copies of their running statistics and num_batches_tracked.
+
+    The recompute must call the same op with the same arguments, or the checkpoint finds other
+    tensors saved for backward (with no running stats, batch_norm saves two fewer). In train mode
+    the output depends on the batch statistics only, so it and the gradients are unchanged.
+    """
+    names = ("running_mean", "running_var", "num_batches_tracked")
+    swapped = []
+    for m in module.modules():
+        if isinstance(m, _BatchNorm) and m.track_running_stats:
+            originals = {n: getattr(m, n) for n in names if getattr(m, n) is not None}
+            swapped.append((m, originals))
+            for n, t in originals.items():
+                setattr(m, n, t.clone())
+    try:
+        yield
+    finally:
+        for m, originals in swapped:
+            for n, t in originals.items():
+                setattr(m, n, t)
 
 
 def _make_head(num_features: int, num_classes: int) -> nn.Module:

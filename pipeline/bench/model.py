@@ -16,16 +16,19 @@ Two formulations of the same weights:
   `--compile`; in infer mode `--fold-bn` folds its BatchNorms into the layers after them
   (`model.fold_batchnorm`);
 - reference (`--reference`): explicit softmax attention (`attn_impl="math"`), plain F.conv3d
-  depthwise convolutions, the (B, C, T, H, W) layout (`layout="channels_first"`), eager: the
-  original code's formulation.
+  depthwise convolutions, the (B, C, T, H, W) layout (`layout="channels_first"`), eager, and in
+  train mode torch.optim.AdamW with its default implementation (foreach on CUDA) as the original
+  training code builds it: the original code's formulation, op by op (the comparison is in
+  `pipeline.bench.gpu`'s docstring). The optimised model steps with fused AdamW on CUDA.
 `--compare` runs both in one invocation, one after the other (each built, run and freed on its
 own, so peak memory is per model), checks their logits on one clip and reports the speed-up.
 With `--compare --compile` only the optimised model is compiled (the reference stays eager).
 
 `dwconv` times one depthwise convolution forward and forward + backward: PyTorch's kernel
 (NCDHW and channels-last-3d) against the Triton op (NCDHW input, which pays a layout copy, and
-token-major input), with the Triton results' errors against an fp32 F.conv3d; `--sweep` also
-times a few launch configurations (`model.dwconv3d.TUNING`) and reports the fastest.
+token-major input), with the Triton results' errors against an fp32 F.conv3d, and the Triton
+op's speed-ups over both of PyTorch's layouts (`dwconv_speedups`); `--sweep` also times a few
+launch configurations (`model.dwconv3d.TUNING`) and reports the fastest.
 """
 
 from __future__ import annotations
@@ -211,8 +214,10 @@ def _time_one(args, net: torch.nn.Module, *, impl: str, compiled: bool, device: 
     train = args.mode == "train"
     net.train(train)
     model = torch.compile(net) if compiled else net
+    # The original code's AdamW is torch's default implementation; fusing it is part of the optimised step.
+    fused = train and device.type == "cuda" and impl != "reference"
     if train:
-        optimizer = torch.optim.AdamW(param_groups(net, 0.05), lr=1e-4, fused=device.type == "cuda")
+        optimizer = torch.optim.AdamW(param_groups(net, 0.05), lr=1e-4, fused=fused)
 
         def step() -> None:
             optimizer.zero_grad(set_to_none=True)
@@ -247,6 +252,7 @@ def _time_one(args, net: torch.nn.Module, *, impl: str, compiled: bool, device: 
         "batchnorm_folded": impl != "reference" and args.fold_bn,
         "depthwise_impl": "torch" if impl == "reference" or not dwconv3d.triton_usable(clip) else "triton",
         "compile": compiled,
+        "optimizer": ("AdamW, fused" if fused else "AdamW, default implementation") if train else None,
         "step_ms_median": round(median_ms, 3),
         "step_ms_min": round(min(times_ms), 3),
         "step_ms_max": round(max(times_ms), 3),
@@ -417,14 +423,27 @@ def run_dwconv_bench(args: argparse.Namespace, progress: Optional[Callable[[str]
     if not triton_ok:
         result["note"] = "the Triton op needs a CUDA device and the triton package; only PyTorch was timed"
         return result
-    base = timings["torch_ncdhw"]["fwd_bwd_ms"]
-    result["speedup_fwd_bwd_tokens"] = round(base / timings["triton_tokens"]["fwd_bwd_ms"], 2)
-    result["speedup_fwd_bwd_ncdhw"] = round(base / timings["triton_ncdhw"]["fwd_bwd_ms"], 2)
-    result["speedup_fwd_tokens"] = round(timings["torch_ncdhw"]["fwd_ms"] / timings["triton_tokens"]["fwd_ms"], 2)
+    result.update(dwconv_speedups(timings))
     result["errors_vs_fp32"] = _dwconv_errors(x_cl, w, b, dy_cl)
     if args.sweep:
         result["sweep"] = _sweep(x_cl, w, b, dy_cl, args, device, progress)
     return result
+
+
+def dwconv_speedups(timings: dict[str, dict[str, float]]) -> dict[str, float]:
+    """The Triton op's speed-ups over PyTorch's F.conv3d in both of its layouts, from one run's timings.
+
+    `speedup_<pass>_<triton input>[_vs_channels_last]`: PyTorch on NCDHW memory (the original
+    code's layout) is the base without suffix; `_vs_channels_last` is over PyTorch on a
+    channels_last_3d tensor, its other layout and the one the token-major Triton input matches.
+    """
+    out = {}
+    for torch_case, suffix in (("torch_ncdhw", ""), ("torch_channels_last", "_vs_channels_last")):
+        for triton_case in ("tokens", "ncdhw"):
+            for phase in ("fwd_bwd", "fwd"):
+                base, ours = timings[torch_case][f"{phase}_ms"], timings[f"triton_{triton_case}"][f"{phase}_ms"]
+                out[f"speedup_{phase}_{triton_case}{suffix}"] = round(base / ours, 2)
+    return out
 
 
 def _dwconv_errors(x, w, b, dy) -> dict[str, float]:

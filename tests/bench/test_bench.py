@@ -114,28 +114,6 @@ def test_gpu_check_without_cuda_says_so_in_one_line_and_succeeds(capsys):
                                     "note": "no CUDA device here: gpu-check measures nothing on a CPU"}
 
 
-def test_gpu_check_table_and_targets():
-    from pipeline.bench.gpu import BENCHES, Target, _dig, table
-
-    speed, memory = Target("train", "optimised.clips_per_s", at_least=172), Target("mem", "m", at_most=8.85)
-    assert speed.met(180.0) and not speed.met(171.9) and not speed.met(None)
-    assert memory.met(8.0) and not memory.met(9.0) and memory.wanted() == "<= 8.85"
-    assert _dig({"optimised": {"clips_per_s": 3.5}}, "optimised.clips_per_s") == 3.5
-    assert _dig({"error": "x"}, "optimised.clips_per_s") is None
-    text = table([{"check": "S train", "target": ">= 172", "measured": 180.123, "reference": 90.0, "ok": True},
-                  {"check": "GPU tests::x", "target": "pass", "measured": "failed", "ok": False}])
-    lines = text.splitlines()
-    assert lines[0].split() == ["check", "target", "measured", "reference", "ok"]
-    assert lines[1].split()[-3:] == ["180.1", "90", "yes"] and lines[2].endswith("NO")
-    names = [t.name for _, _, targets in BENCHES for t in targets]
-    assert len(names) == 10 and any("peak GiB" in n for n in names)
-    # The recipes' whole step: a figure to record, and the augmentation's share at most 10%.
-    shares = [t for _, _, targets in BENCHES for t in targets if t.key == "augment_share"]
-    assert len(shares) == 2 and all(t.met(0.08) and not t.met(0.12) for t in shares)
-    recorded = next(t for _, _, targets in BENCHES for t in targets if t.name == "S16x4 whole train step, clips/s")
-    assert recorded.wanted() == "measured" and recorded.met(1.0) and not recorded.met(None)
-
-
 def test_gpu_test_files_are_not_collected_by_make_test():
     import subprocess
     import sys

@@ -33,6 +33,7 @@ def test_compare_runs_both_formulations_and_reports_the_fields():
         assert run["peak_memory_gib"] is None and run["cpu_peak_rss_growth_gib"] >= 0
         assert "peak RSS" in run["memory_note"] and run["mfu"] is None
         assert run["depthwise_impl"] == "torch"  # no GPU: F.conv3d on both sides
+        assert run["optimizer"] == "AdamW, default implementation"  # fused only for the optimised model on CUDA
     assert summary["reference"]["attn_impl"] == "math" and summary["optimised"]["attn_impl"] == "sdpa"
     assert summary["reference"]["layout"] == "channels_first" and summary["optimised"]["layout"] == "tokens"
     assert not summary["reference"]["batchnorm_folded"] and not summary["optimised"]["batchnorm_folded"]
@@ -58,6 +59,46 @@ def test_reference_and_optimised_models_give_the_same_logits():
     clip = torch.randn(2, 3, 4, 32, 64)
     with torch.no_grad():
         torch.testing.assert_close(opt(clip), ref(clip), rtol=1e-5, atol=1e-5)
+
+
+def test_reference_runs_the_official_ops():
+    """The reference's ops, as pipeline.bench.gpu's table says: what the official forward runs."""
+    from torch.utils._python_dispatch import TorchDispatchMode
+
+    aten = torch.ops.aten
+
+    class Record(TorchDispatchMode):
+        def __init__(self):
+            super().__init__()
+            self.calls = []
+
+        def __torch_dispatch__(self, func, types, args=(), kwargs=None):
+            self.calls.append((func, args))
+            return func(*args, **(kwargs or {}))
+
+    net = build_model(parse(["model", *TINY]), reference=True, device=torch.device("cpu")).train()
+    record = Record()
+    with record:
+        net(torch.randn(2, 3, 4, 32, 64)).sum().backward()
+    ops = [str(func) for func, _ in record.calls]
+    c_blocks, sa_blocks = len(net.blocks1) + len(net.blocks2), len(net.blocks3) + len(net.blocks4)
+    # Explicit softmax attention: no fused attention kernel.
+    assert not [op for op in ops if "attention" in op or "flash" in op]
+    assert ops.count("aten._softmax.default") == sa_blocks
+    # Every convolution is the native one on contiguous (B, C, T, H, W) memory; depthwise ones as
+    # nn.Conv3d(groups=C): 3x3x3 DPE in every block, 5x5x5 in the CBlocks. No Triton op.
+    convs = [args for func, args in record.calls if func is aten.convolution.default]
+    assert convs and all(x.is_contiguous() for x, *_ in convs)
+    depthwise = [w.shape[2] for x, w, *rest in convs if rest[-1] == x.shape[1] > 1]
+    assert sorted(depthwise) == sorted([3] * (c_blocks + sa_blocks) + [5] * c_blocks)
+    assert not [op for op in ops if op.startswith("uniformer.")]
+    # BatchNorm in the CBlocks and before the head; LayerNorm after each patch embed and in the
+    # SABlocks, which read the tokens as a strided view of the (B, C, T, H, W) map, as the official does.
+    assert ops.count("aten.native_batch_norm.default") == 2 * c_blocks + 1
+    norms = [args[0] for func, args in record.calls if func is aten.native_layer_norm.default]
+    assert len(norms) == 4 + 2 * sa_blocks
+    tokens = [x for x in norms if x.ndim == 3]  # (B, N, C), N = T*H*W
+    assert len(tokens) == 2 * sa_blocks and all(x.stride(1) == 1 for x in tokens)
 
 
 def test_fold_bn_in_infer_mode_folds_the_optimised_model_only():

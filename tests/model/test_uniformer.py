@@ -176,6 +176,41 @@ def test_grad_checkpointing_gives_same_gradients():
         ckpt.set_grad_checkpointing(stages=(0,))
 
 
+def assert_one_step_as_without_checkpointing(layout: str, compile_backend: str | None = None) -> None:
+    """Train mode, one forward + backward with and without grad checkpointing: the same
+    BatchNorm buffers (each updated once) and the same gradients."""
+    torch.manual_seed(0)
+    plain = create_uniformer("uniformer_xs", num_classes=3, layout=layout, drop_path_rate=0.1).train()
+    ckpt = create_uniformer("uniformer_xs", num_classes=3, layout=layout, drop_path_rate=0.1,
+                            grad_checkpointing=True).train()
+    ckpt.load_state_dict(plain.state_dict())
+    run = torch.compile(ckpt, backend=compile_backend, fullgraph=True) if compile_backend else ckpt
+    for net in (plain, run):
+        torch.manual_seed(1)  # the same drop-path draws
+        net(tiny_clip()).square().sum().backward()
+    norms = [(n, m) for n, m in ckpt.named_modules() if isinstance(m, torch.nn.BatchNorm3d)]
+    assert len(norms) == 2 * 2 + 1  # norm1, norm2 of the two CBlocks, and the final norm
+    for name, m in norms:
+        assert m.num_batches_tracked.item() == 1, name
+        assert m.track_running_stats and m.training, name
+    for (name, a), b in zip(plain.named_buffers(), ckpt.buffers()):
+        torch.testing.assert_close(b, a, rtol=1e-5, atol=1e-7, msg=name)
+    for (name, a), b in zip(plain.named_parameters(), ckpt.parameters()):
+        torch.testing.assert_close(b.grad, a.grad, rtol=1e-4, atol=1e-6, msg=name)
+
+
+@pytest.mark.parametrize("layout", ["tokens", "channels_first"])
+def test_grad_checkpointing_updates_batchnorm_once_per_step(layout):
+    # The recompute in backward runs the blocks again in train mode; it must not move the
+    # running statistics a second time.
+    assert_one_step_as_without_checkpointing(layout)
+
+
+def test_grad_checkpointing_under_torch_compile_updates_batchnorm_once_per_step():
+    # Traced, the checkpoint takes no context_fn; the compiled recompute must not update twice either.
+    assert_one_step_as_without_checkpointing("tokens", compile_backend="aot_eager")
+
+
 def test_drop_path_rises_linearly_and_only_in_training():
     net = create_uniformer("uniformer_xs", drop_path_rate=0.2)
     rates = [m.p for m in net.modules() if isinstance(m, DropPath)]
