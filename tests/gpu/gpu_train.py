@@ -57,7 +57,7 @@ def fixed_batch_losses(device: torch.device, precision: str, steps: int) -> tupl
         sums = forward_backward(ts, batch, cfg, device, world=1, mix_rng=np.random.default_rng(1),
                                 erase_rng=np.random.default_rng(2), sync=True)
         optimizer_step(ts, cfg)
-        losses.append(sums[0].item())
+        losses.append((sums[0] / sums[2]).item())  # mean loss of the usable clips
     return losses, ts.scaler
 
 
