@@ -27,8 +27,8 @@ system-deps:
 test: $(STAMP) system-deps
 	$(PY) -m pytest -q --durations=30
 
-# Not part of `make test`: the GPU-only tests and benchmarks, one table of targets (a few minutes on
-# one GPU). Without CUDA it prints one line saying so and exits 0.
+# Not part of `make test`: the GPU-only tests and benchmarks, one table of targets (at most 8 minutes,
+# enforced). Without CUDA it prints one line saying so and exits 0.
 gpu-check: $(STAMP)
 	$(PY) -m jobs.bench gpu
 
