@@ -1,6 +1,6 @@
 """The cluster manifests as an API server and a scheduler would take them: every Kubernetes document
 validates against the schema of its kind (KubeRay v1.6.0 CRDs, prometheus-operator v0.93.0 CRDs,
-Kubernetes v1.33.0; tests/infra/schemas/, made by make_schemas.py there), every pod fits the
+Kubernetes v1.35.0; tests/infra/schemas/, made by make_schemas.py there), every pod fits the
 allocatable of the instance type it is pinned to, every ServiceAccount and Secret it names is
 defined, and the Ray cluster launcher config passes Ray's own schema."""
 
@@ -30,12 +30,13 @@ SCHEMA_FILES = {
     ("ray.io/v1", "RayJob"): f"kuberay-{KUBERAY_MIN}/rayjob.json",
     ("monitoring.coreos.com/v1", "PodMonitor"): "prometheus-operator-v0.93.0/podmonitor.json",
     ("monitoring.coreos.com/v1", "ServiceMonitor"): "prometheus-operator-v0.93.0/servicemonitor.json",
-    ("v1", "ServiceAccount"): "kubernetes-v1.33.0/serviceaccount-v1.json",
-    ("v1", "Service"): "kubernetes-v1.33.0/service-v1.json",
-    ("v1", "ConfigMap"): "kubernetes-v1.33.0/configmap-v1.json",
-    ("v1", "PersistentVolumeClaim"): "kubernetes-v1.33.0/persistentvolumeclaim-v1.json",
-    ("apps/v1", "Deployment"): "kubernetes-v1.33.0/deployment-apps-v1.json",
-    ("policy/v1", "PodDisruptionBudget"): "kubernetes-v1.33.0/poddisruptionbudget-policy-v1.json",
+    ("v1", "ServiceAccount"): "kubernetes-v1.35.0/serviceaccount-v1.json",
+    ("v1", "Service"): "kubernetes-v1.35.0/service-v1.json",
+    ("v1", "ConfigMap"): "kubernetes-v1.35.0/configmap-v1.json",
+    ("v1", "PersistentVolumeClaim"): "kubernetes-v1.35.0/persistentvolumeclaim-v1.json",
+    ("apps/v1", "Deployment"): "kubernetes-v1.35.0/deployment-apps-v1.json",
+    ("policy/v1", "PodDisruptionBudget"): "kubernetes-v1.35.0/poddisruptionbudget-policy-v1.json",
+    ("storage.k8s.io/v1", "StorageClass"): "kubernetes-v1.35.0/storageclass-storage-v1.json",
 }
 
 
