@@ -1,14 +1,15 @@
 #!/usr/bin/env bash
 # Build (and push) the three images from the repo root's context:
-#   infra/docker/build.sh REGISTRY          e.g. ghcr.io/your-org; tags:
+#   infra/docker/build.sh REGISTRY          e.g. 123456789012.dkr.ecr.us-west-2.amazonaws.com; tags:
 #       REGISTRY/uniformer-ray:ray2.60.0-py311-gpu, REGISTRY/uniformer-ray:ray2.60.0-py311-cpu,
 #       REGISTRY/uniformer-mlflow:3.17.2
-#   infra/docker/build.sh --pin             resolve base-images.lock's tags to digests (once)
+#   infra/docker/build.sh --pin             resolve base-images.lock's tags to digests (once; commit it)
 #   PUSH=1 infra/docker/build.sh REGISTRY   build and push
+# A build refuses a base image that has no digest yet. BASE_IMAGES_LOCK names another lock file (tests).
 set -euo pipefail
 HERE=$(cd "$(dirname "${BASH_SOURCE[0]}")" && pwd)
 ROOT=$(cd "$HERE/../.." && pwd)
-LOCK=$HERE/base-images.lock
+LOCK=${BASE_IMAGES_LOCK:-$HERE/base-images.lock}
 
 if [[ ${1:-} == --pin ]]; then
     tmp=$(mktemp)
@@ -17,6 +18,7 @@ if [[ ${1:-} == --pin ]]; then
         read -r name image <<< "$line"
         tag=${image%@*}
         digest=$(docker buildx imagetools inspect "$tag" --format '{{json .Manifest.Digest}}' | tr -d '"')
+        [[ $digest =~ ^sha256:[0-9a-f]{64}$ ]] || { echo "build.sh: no digest for $tag: '$digest'" >&2; exit 1; }
         printf '%-6s %s@%s\n' "$name" "$tag" "$digest"
     done < "$LOCK" > "$tmp"
     mv "$tmp" "$LOCK"
@@ -38,6 +40,10 @@ build() {  # build TAG DOCKERFILE BUILD-ARGS...
     if [[ ${PUSH:-} == 1 ]]; then docker push "$tag"; fi
 }
 
-build "$REGISTRY/uniformer-ray:ray2.60.0-py311-gpu" project.Dockerfile --build-arg BASE_IMAGE="$(base gpu)" --build-arg FLAVOUR=gpu
-build "$REGISTRY/uniformer-ray:ray2.60.0-py311-cpu" project.Dockerfile --build-arg BASE_IMAGE="$(base cpu)" --build-arg FLAVOUR=cpu
-build "$REGISTRY/uniformer-mlflow:3.17.2" mlflow.Dockerfile --build-arg BASE_IMAGE="$(base mlflow)"
+# All three first: `exit` inside "$(base ...)" as a build argument would leave only that subshell.
+gpu_base=$(base gpu)
+cpu_base=$(base cpu)
+mlflow_base=$(base mlflow)
+build "$REGISTRY/uniformer-ray:ray2.60.0-py311-gpu" project.Dockerfile --build-arg BASE_IMAGE="$gpu_base" --build-arg FLAVOUR=gpu
+build "$REGISTRY/uniformer-ray:ray2.60.0-py311-cpu" project.Dockerfile --build-arg BASE_IMAGE="$cpu_base" --build-arg FLAVOUR=cpu
+build "$REGISTRY/uniformer-mlflow:3.17.2" mlflow.Dockerfile --build-arg BASE_IMAGE="$mlflow_base"

@@ -1,6 +1,6 @@
 """The cluster manifests as an API server and a scheduler would take them: every Kubernetes document
 validates against the schema of its kind (KubeRay v1.6.0 CRDs, prometheus-operator v0.93.0 CRDs,
-Kubernetes v1.33.0; tests/infra/schemas/, made by make_schemas.py there), every pod fits the
+Kubernetes v1.35.0; tests/infra/schemas/, made by make_schemas.py there), every pod fits the
 allocatable of the instance type it is pinned to, every ServiceAccount and Secret it names is
 defined, and the Ray cluster launcher config passes Ray's own schema."""
 
@@ -30,12 +30,13 @@ SCHEMA_FILES = {
     ("ray.io/v1", "RayJob"): f"kuberay-{KUBERAY_MIN}/rayjob.json",
     ("monitoring.coreos.com/v1", "PodMonitor"): "prometheus-operator-v0.93.0/podmonitor.json",
     ("monitoring.coreos.com/v1", "ServiceMonitor"): "prometheus-operator-v0.93.0/servicemonitor.json",
-    ("v1", "ServiceAccount"): "kubernetes-v1.33.0/serviceaccount-v1.json",
-    ("v1", "Service"): "kubernetes-v1.33.0/service-v1.json",
-    ("v1", "ConfigMap"): "kubernetes-v1.33.0/configmap-v1.json",
-    ("v1", "PersistentVolumeClaim"): "kubernetes-v1.33.0/persistentvolumeclaim-v1.json",
-    ("apps/v1", "Deployment"): "kubernetes-v1.33.0/deployment-apps-v1.json",
-    ("policy/v1", "PodDisruptionBudget"): "kubernetes-v1.33.0/poddisruptionbudget-policy-v1.json",
+    ("v1", "ServiceAccount"): "kubernetes-v1.35.0/serviceaccount-v1.json",
+    ("v1", "Service"): "kubernetes-v1.35.0/service-v1.json",
+    ("v1", "ConfigMap"): "kubernetes-v1.35.0/configmap-v1.json",
+    ("v1", "PersistentVolumeClaim"): "kubernetes-v1.35.0/persistentvolumeclaim-v1.json",
+    ("apps/v1", "Deployment"): "kubernetes-v1.35.0/deployment-apps-v1.json",
+    ("policy/v1", "PodDisruptionBudget"): "kubernetes-v1.35.0/poddisruptionbudget-policy-v1.json",
+    ("storage.k8s.io/v1", "StorageClass"): "kubernetes-v1.35.0/storageclass-storage-v1.json",
 }
 
 
@@ -193,6 +194,31 @@ def test_pod_fits_its_instance_type(where, meta, pod):
         assert shm < limit or not shm, f"{where}/{container['name']}: /dev/shm {shm / GiB} GiB >= memory limit"
 
 
+# EFA interfaces per instance type (EC2's instance type pages): what the EFA device plugin hands out.
+EFA_INTERFACES = {"p4d.24xlarge": 4, "p5.48xlarge": 32}
+
+
+def gpu_pods() -> list[tuple[str, dict, dict]]:
+    return [(where, meta, pod) for where, meta, pod in pod_templates()
+            if "nvidia.com/gpu" in pod["containers"][0].get("resources", {}).get("limits", {})]
+
+
+@pytest.mark.parametrize("where,meta,pod", gpu_pods(), ids=[w for w, _, _ in gpu_pods()])
+def test_gpu_pods_talk_nccl_over_efa(where, meta, pod):
+    instance_type = pod["nodeSelector"]["node.kubernetes.io/instance-type"]
+    ray_container = pod["containers"][0]
+    resources = ray_container["resources"]
+    efa = str(EFA_INTERFACES[instance_type])  # all of the node's interfaces: one GPU pod per node
+    assert resources["limits"]["vpc.amazonaws.com/efa"] == resources["requests"]["vpc.amazonaws.com/efa"] == efa
+    env = {e["name"]: e.get("value") for e in ray_container["env"]}
+    assert env["FI_PROVIDER"] == "efa" and env["FI_EFA_USE_DEVICE_RDMA"] == "1"
+    assert "IPC_LOCK" in ray_container["securityContext"]["capabilities"]["add"]  # EFA pins registered memory
+
+
+def test_there_are_gpu_pods_to_check():
+    assert {w.split(":")[0] for w, _, _ in gpu_pods()} == {"raycluster.yaml", "rayjob.yaml", "rayjob-promote.yaml"}
+
+
 def defined(kind: str) -> set[str]:
     names = {d["metadata"]["name"] for _, d in k8s_docs() if d["kind"] == kind}
     if kind == "Secret":  # Secrets are made by secrets.sh (their values never live in git)
@@ -269,8 +295,11 @@ def test_cluster_layout(kind):
     spec = cluster_specs()[kind]
     assert spec["rayVersion"] == ray.__version__ and spec["enableInTreeAutoscaling"] is True
     assert spec["headGroupSpec"]["rayStartParams"]["num-cpus"] == "0"
-    assert "secretKeyRef" in spec["gcsFaultToleranceOptions"]["redisPassword"]["valueFrom"]
-    assert spec["gcsFaultToleranceOptions"]["redisAddress"].startswith("redis.")
+    if kind == "raycluster":  # the long-lived cluster keeps its state through a head restart
+        assert "secretKeyRef" in spec["gcsFaultToleranceOptions"]["redisPassword"]["valueFrom"]
+        assert spec["gcsFaultToleranceOptions"]["redisAddress"].startswith("redis.")
+    else:  # a RayJob's driver dies with its head whatever the GCS keeps: backoffLimit recovers it
+        assert "gcsFaultToleranceOptions" not in spec
     pods = {name: pod for name, pod in ray_pods(kind).items() if name != "submitter"}
     head_meta, head = pods["head"]
     gpu_meta, gpu = pods["gpu"]
@@ -323,6 +352,22 @@ def test_rayjob_retries_and_resumes():
     assert cfg.train.run_name != "uniformer"  # a fixed, job-specific name: a retry resumes that run
     submitter = spec["submitterPodTemplate"]["spec"]["containers"][0]
     assert image_ray_version(submitter["image"]) == ray.__version__ and submitter["image"].endswith("-cpu")
+
+
+RESUME_TEST = "tests/training/test_train.py::test_resume_on_fewer_workers_continues_at_the_checkpoints_step_and_epoch"
+
+
+def test_the_resume_a_rayjob_retry_relies_on_is_tested():
+    """A retry (backoffLimit) is a new cluster running the same entrypoint: a second `jobs.train` process
+    with the same run name and storage path, which must resume from the checkpoint and continue the same
+    MLflow run. That is what the named test does; the manifest and the README point at it."""
+    path, name = RESUME_TEST.split("::")
+    test_source = (ROOT / path).read_text()
+    assert re.search(rf"^def {name}\(", test_source, re.M), f"{RESUME_TEST} is gone"
+    body = test_source[test_source.index(f"def {name}("):].split("\ndef ", 1)[0]
+    assert body.count("run_train(") == 2 and "train.run_name=resume" in body and 'resumed["run_id"]' in body
+    assert RESUME_TEST in (K8S / "rayjob.yaml").read_text()
+    assert RESUME_TEST in (INFRA / "README.md").read_text()
 
 
 def test_monitors_select_the_ray_and_mlflow_pods():
@@ -450,8 +495,9 @@ def test_aws_node_types(aws):
     assert all(t["node_config"]["InstanceMarketOptions"]["MarketType"] == "spot" for t in decode)
     assert all(node_label(t["labels"]) == DataConfig().decode_nodes and t["min_workers"] >= 1 for t in decode)
     assert all(node_label(t["labels"]) != DataConfig().decode_nodes for t in gpu)
-    for t in types.values():
-        assert t["node_config"]["ImageId"].startswith("ami-"), "pin an AMI; latest_dlami is Ubuntu 18.04 (EOL)"
+    for t in types.values():  # AWS's public parameter, resolved by resolve-amis.sh (test_cluster_launcher.py)
+        assert t["node_config"]["ImageId"].startswith("resolve:ssm:/aws/service/deeplearning/ami/x86_64/"), \
+            "latest_dlami is Ubuntu 18.04 (EOL); a placeholder id makes `ray up` fail"
     # Split roles: only the head (Ray's autoscaler) may launch instances.
     assert head["node_config"]["IamInstanceProfile"]["Arn"].endswith("/uniformer-ray-head")
     for t in gpu + decode:
@@ -520,3 +566,76 @@ def test_gpu_capacity_holds_the_recipes(cluster):
         assert cfg.train.num_workers <= nodes * gpus, f"{path.name} on {cluster}: {nodes} x {gpus} GPUs"
         # One worker per GPU: a full node's workers get their CPUs with some left for decoding.
         assert gpus * cfg.train.cpus_per_worker < cpus, f"{path.name} on {cluster}: {cpus} CPUs per node"
+
+
+# --- the other RayJobs: prepare before the training, register/evaluate/promote after it -------------
+
+def entrypoint_commands(name: str) -> list[list[str]]:
+    """A RayJob's entrypoint (a shell line) as its `&&`-separated commands, each split into words."""
+    words = shlex.split(load_docs(K8S / name)[0]["spec"]["entrypoint"])
+    commands, current = [], []
+    for word in words + ["&&"]:
+        if word == "&&":
+            commands.append(current)
+            current = []
+        else:
+            current.append(word)
+    return commands
+
+
+def training() -> tuple[str, "object"]:
+    """(recipe path, resolved config) of rayjob.yaml's training."""
+    words = shlex.split(load_docs(K8S / "rayjob.yaml")[0]["spec"]["entrypoint"])
+    recipe = ROOT / Path(words[4]).relative_to(IMAGE_DIR)
+    return recipe, load_config(recipe, words[5:])
+
+
+def recipe_prepare_args(recipe: Path) -> list[str]:
+    """The `uniformer prepare` arguments the recipe's header gives."""
+    header = "\n".join(line[1:].strip() for line in recipe.read_text().splitlines() if line.startswith("#"))
+    command = re.search(r"uniformer prepare (.*?)(?:\n[A-Z]|\Z)", header.replace("\\\n", " "), re.S).group(1)
+    return shlex.split(command)
+
+
+def test_prepare_rayjob_prepares_what_the_training_reads():
+    from jobs.prepare import build_parser
+
+    (command,) = entrypoint_commands("rayjob-prepare.yaml")
+    assert command[:3] == ["python", "-m", "jobs.prepare"]
+    args = build_parser().parse_args(command[3:])  # the real CLI's parser: a bad flag fails here
+    recipe, cfg = training()
+    assert args.output == cfg.data.manifest and args.output.startswith("s3://")
+    official = build_parser().parse_args(recipe_prepare_args(recipe))
+    for flag in ("short_side", "frame_stride", "kinetics_layout", "keyframe_interval", "crf"):
+        assert getattr(args, flag) == getattr(official, flag), flag  # the recipe's preparation
+    assert {a.rsplit("/", 1)[1] for a in args.annotations} == {"train.csv", "val.csv"}  # CVDF's file names
+    spec = load_docs(K8S / "rayjob-prepare.yaml")[0]["spec"]["rayClusterSpec"]
+    assert [g["groupName"] for g in spec["workerGroupSpecs"]] == ["decode"]  # no GPUs for decoding
+
+
+def test_promote_rayjob_registers_evaluates_and_promotes_the_training(monkeypatch, capsys):
+    """The entrypoint's three commands through the jobs' real CLIs (the MLflow work replaced)."""
+    import jobs.evaluate
+    import jobs.promote
+    import jobs.register
+
+    seen = {}
+    monkeypatch.setattr("pipeline.tracking.registry.register",
+                        lambda cfg, run, name: seen.setdefault("register", (run, name)) and {})
+    monkeypatch.setattr("pipeline.tracking.evaluate.evaluate",
+                        lambda cfg, model, manifest, split, log: seen.setdefault("evaluate", (model, manifest, split))
+                        and {})
+    monkeypatch.setattr("pipeline.tracking.registry.promote",
+                        lambda cfg, name, **kw: seen.setdefault("promote", name) and {"decision": "promoted"})
+    mains = {"jobs.register": jobs.register.main, "jobs.evaluate": jobs.evaluate.main, "jobs.promote": jobs.promote.main}
+    commands = entrypoint_commands("rayjob-promote.yaml")
+    assert [c[2] for c in commands] == ["jobs.register", "jobs.evaluate", "jobs.promote"]
+    for command in commands:
+        assert command[:2] == ["python", "-m"]
+        mains[command[2]](command[3:])
+    _, cfg = training()
+    name = cfg.tracking.registered_model
+    assert seen["register"] == ("RUN_ID", name)  # the walk replaces RUN_ID with the training's run id
+    assert seen["evaluate"] == (f"models:/{name}@challenger", cfg.data.manifest, "val")
+    assert seen["promote"] == name
+    assert load_docs(K8S / "rayjob-promote.yaml")[0]["spec"]["backoffLimit"] == 0  # register is not idempotent

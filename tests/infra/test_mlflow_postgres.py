@@ -1,7 +1,9 @@
 """The MLflow server exactly as infra/k8s/mlflow.yaml starts it (its command, its environment, the
 basic-auth config that infra/k8s/secrets.sh writes, the driver string secrets.sh puts in the backend
 URI), against a real PostgreSQL and an S3 endpoint: a run logged with the admin's credentials is
-read back through MlflowClient, the rows are in PostgreSQL, /metrics answers for Prometheus."""
+read back through MlflowClient, the rows are in PostgreSQL, and /metrics answers Prometheus the way
+Prometheus asks in the cluster: through the pod's own IP (here a non-loopback address of this
+machine, given to the server as POD_IP like the pod's downward API does), not through 127.0.0.1."""
 
 import os
 import re
@@ -68,6 +70,19 @@ def backend_uri(pg_uri: str) -> str:
     return template.replace("$PG_URI", pg_uri)
 
 
+def non_loopback_ipv4() -> str | None:
+    """An IPv4 address of this machine other than 127.x (what a pod IP is to a scraper)."""
+    import socket
+
+    import psutil
+
+    for addresses in psutil.net_if_addrs().values():
+        for address in addresses:
+            if address.family == socket.AF_INET and not address.address.startswith("127."):
+                return address.address
+    return None
+
+
 def test_secrets_script_names_the_psycopg3_driver():
     example = re.search(r"PG_URI='([^']+)'", (K8S / "secrets.sh").read_text()).group(1)
     assert example.startswith("postgresql+psycopg://")
@@ -76,8 +91,12 @@ def test_secrets_script_names_the_psycopg3_driver():
 def test_mlflow_server_on_postgresql(tmp_path):
     port = free_port()
     command = server_command()
+    pod_ip = non_loopback_ipv4()
+    if pod_ip is None:
+        pytest.skip("this machine has no non-loopback IPv4 address to scrape /metrics through")
     # One worker instead of the pod's two: each imports all of MLflow, and this machine has 2 cores.
-    command = command.replace("--host 0.0.0.0 --port 5000 --workers 2", f"--host 127.0.0.1 --port {port} --workers 1")
+    # The pod's --host 0.0.0.0 stays: the server must answer on the pod's IP.
+    command = command.replace("--host 0.0.0.0 --port 5000 --workers 2", f"--host 0.0.0.0 --port {port} --workers 1")
     command = re.sub(r"--artifacts-destination s3://BUCKET/", "--artifacts-destination s3://mlflow-test/", command)
     command = command.replace("--expose-prometheus /tmp/mlflow-metrics",
                               f"--expose-prometheus {shlex.quote(str(tmp_path / 'metrics'))}")
@@ -93,7 +112,7 @@ def test_mlflow_server_on_postgresql(tmp_path):
         env.update(PATH=f"{Path(sys.executable).parent}:{env['PATH']}", MLFLOW_BACKEND_STORE_URI=backend_uri(pg_uri),
                    MLFLOW_AUTH_CONFIG_PATH=str(ini), MLFLOW_AUTH_ADMIN_PASSWORD=ADMIN_PASSWORD,
                    MLFLOW_FLASK_SERVER_SECRET_KEY="flask-secret-for-this-test", MLFLOW_S3_ENDPOINT_URL=s3_url,
-                   MLFLOW_SERVER_ENABLE_JOB_EXECUTION="false")
+                   MLFLOW_SERVER_ENABLE_JOB_EXECUTION="false", POD_IP=pod_ip)
         log = open(tmp_path / "server.log", "w")
         server = subprocess.Popen(["/bin/sh", "-c", command], env=env, stdout=log, stderr=subprocess.STDOUT,
                                   start_new_session=True)
@@ -136,13 +155,20 @@ def test_mlflow_server_on_postgresql(tmp_path):
                     .list_objects_v2(Bucket="mlflow-test").get("Contents", [])]
             assert any(k.endswith(f"{out['run_id']}/artifacts/note.txt") for k in keys), keys
 
-            # /metrics sits behind basic auth too (monitoring.yaml gives Prometheus credentials).
+            # /metrics sits behind basic auth too (monitoring.yaml gives Prometheus credentials), and
+            # Prometheus reaches the pod by its IP: that is the Host header MLflow's host check sees.
             import base64
 
-            basic = base64.b64encode(f"admin:{ADMIN_PASSWORD}".encode()).decode()
-            request = urllib.request.Request(f"{url}/metrics", headers={"Authorization": f"Basic {basic}"})
+            basic = {"Authorization": "Basic " + base64.b64encode(f"admin:{ADMIN_PASSWORD}".encode()).decode()}
+            request = urllib.request.Request(f"http://{pod_ip}:{port}/metrics", headers=basic)
             metrics = urllib.request.urlopen(request, timeout=10).read().decode()
             assert "mlflow_http_request_total" in metrics or "http_request" in metrics, metrics[:500]
+            # The host check itself stays on: a name the server does not answer to is refused.
+            with pytest.raises(urllib.error.HTTPError) as foreign:
+                urllib.request.urlopen(urllib.request.Request(
+                    f"http://{pod_ip}:{port}/metrics", headers={**basic, "Host": f"attacker.example:{port}"}),
+                    timeout=10)
+            assert foreign.value.code == 403
         finally:
             os.killpg(server.pid, 15)
             try:

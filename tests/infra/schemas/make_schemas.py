@@ -1,15 +1,19 @@
 """How the schema files beside this script were made (run by hand, not by the tests).
 
-    python tests/infra/schemas/make_schemas.py KUBERAY_CHECKOUT KUBERNETES_VALIDATE_WHEEL PROM_OPERATOR_CHECKOUT
+    python tests/infra/schemas/make_schemas.py KUBERAY_CHECKOUT KUBERNETES_VALIDATE_WHEEL PROM_OPERATOR_CHECKOUT \
+        EKSCTL_CHECKOUT
 
 - kuberay-v1.6.0/*.json: the `v1` openAPIV3Schema of ray-operator/config/crd/bases/ray.io_rayclusters.yaml
   and ray.io_rayjobs.yaml at KubeRay tag v1.6.0 (the first release with `authOptions.secretName`),
   without descriptions and without `status` (what the API server validates on apply).
 - prometheus-operator-v0.93.0/*.json: the same for monitoring.coreos.com PodMonitor and ServiceMonitor
   (example/prometheus-operator-crd/ at prometheus-operator tag v0.93.0; kube-prometheus-stack installs them).
-- kubernetes-v1.33.0/*.json: the "local-strict" JSON schemas of Kubernetes v1.33.0 as shipped in the
+- kubernetes-v1.35.0/*.json: the "local-strict" JSON schemas of Kubernetes v1.35.0 as shipped in the
   PyPI package kubernetes-validate 1.37.0, each made self-contained (only the definitions it
   reaches), without descriptions.
+- eksctl-v0.230.0/clusterconfig.json: eksctl's published JSON schema of its ClusterConfig file
+  (pkg/apis/eksctl.io/v1alpha5/assets/schema.json at tag v0.230.0 of github.com/eksctl-io/eksctl,
+  draft-07, what `eksctl utils schema` prints), without its description strings.
 """
 
 import json
@@ -22,15 +26,18 @@ import yaml
 
 HERE = Path(__file__).parent
 KUBERAY_TAG = "v1.6.0"
-K8S_VERSION = "v1.33.0"
+K8S_VERSION = "v1.35.0"
 PROM_TAG = "v0.93.0"
+EKSCTL_TAG = "v0.230.0"
 K8S_KINDS = ["serviceaccount-v1", "service-v1", "configmap-v1", "persistentvolumeclaim-v1",
-             "deployment-apps-v1", "poddisruptionbudget-policy-v1"]
+             "deployment-apps-v1", "poddisruptionbudget-policy-v1", "storageclass-storage-v1"]
 
 
 def strip(node):
+    """Without documentation strings (a property that is itself called "description" stays)."""
     if isinstance(node, dict):
-        return {k: strip(v) for k, v in node.items() if k != "description"}
+        return {k: strip(v) for k, v in node.items()
+                if not (k in ("description", "x-intellij-html-description") and isinstance(v, str))}
     if isinstance(node, list):
         return [strip(v) for v in node]
     return node
@@ -91,7 +98,15 @@ def kubernetes(wheel: Path) -> None:
             write(HERE / f"kubernetes-{K8S_VERSION}" / f"{kind}.json", schema)
 
 
+def eksctl(checkout: Path) -> None:
+    text = subprocess.run(["git", "-C", str(checkout), "show",
+                           f"{EKSCTL_TAG}:pkg/apis/eksctl.io/v1alpha5/assets/schema.json"],
+                          check=True, capture_output=True, text=True).stdout
+    write(HERE / f"eksctl-{EKSCTL_TAG}" / "clusterconfig.json", strip(json.loads(text)))
+
+
 if __name__ == "__main__":
     kuberay(Path(sys.argv[1]))
     kubernetes(Path(sys.argv[2]))
     prometheus_operator(Path(sys.argv[3]))
+    eksctl(Path(sys.argv[4]))
