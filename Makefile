@@ -8,12 +8,15 @@ STAMP := $(VENV)/.installed
 
 install: $(STAMP)
 
-# torch is pinned first: on a CPU machine like the CI one, 2.13.0 is a CPU build from local disk,
-# and a loose requirement would otherwise pull a CUDA build of several GB.
+# torch is pinned first, from pip's configured index: on PyPI for Linux that is the CUDA build (several
+# GB, it runs on CPU too). A CPU-only machine gets the CPU build with
+#   make install TORCH_INDEX=https://download.pytorch.org/whl/cpu
+# (unset by default: the CI machine's pip already serves a local CPU wheel of 2.13.0).
+TORCH_INDEX ?=
 $(STAMP): pyproject.toml
 	$(PYTHON) -m venv $(VENV)
 	$(PY) -m pip install --quiet --upgrade pip
-	$(PY) -m pip install --quiet torch==2.13.0
+	$(PY) -m pip install --quiet torch==2.13.0 $(if $(TORCH_INDEX),--index-url $(TORCH_INDEX))
 	$(PY) -m pip install --quiet -e '.[test]'
 	touch $(STAMP)
 

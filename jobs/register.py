@@ -2,8 +2,10 @@
 
     uniformer register --run 0123abcd... --name uniformer tracking.tracking_uri=http://mlflow:5000
 
-The version is the run's video classifier (pyfunc), tagged with the run's validation metrics, its
-evaluation manifest hash, the run id and the code version. Ends with one line of JSON.
+The version is the run's video classifier (pyfunc), tagged with the run id, the code version, the
+variant and where it is to be judged (its training's manifest hash and URI, and validation split); no
+metric tags: the version shows its training's validation metrics as MLflow model metrics. Ends with
+one line of JSON.
 """
 
 from __future__ import annotations

@@ -9,7 +9,11 @@ sent only with --forward-env or --env KEY (names printed, values never).
   uniformer submit train --config infra/configs/k400_uniformer_s16x4.yaml \\
       data.manifest=s3://bucket/k400/prepared model.init_from=s3://bucket/checkpoints/uniformer_small_in1k.pth \\
       --address http://head:8265
-  uniformer submit evaluate --num-gpus 1 --memory 32Gi ... --address http://head:8265
+  uniformer submit predict --num-gpus 1 --model models:/uniformer@champion s3://bucket/clip.mp4 \
+      --address http://head:8265
+
+evaluate and predict --manifest need no --num-gpus: the network runs in an actor pool sized to the
+cluster's GPUs, and a GPU held by the driver would leave one actor that cannot be placed.
 
 Options of submit may stand anywhere; everything else (and everything after `--`) goes to the job.
 The head's token: RAY_AUTH_MODE=token plus RAY_AUTH_TOKEN, RAY_AUTH_TOKEN_PATH or ~/.ray/auth_token.
@@ -39,7 +43,8 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--num-cpus", type=float, default=None, metavar="N",
                    help="CPUs reserved for the entrypoint (the job's driver; default 0)")
     p.add_argument("--num-gpus", type=float, default=None, metavar="N",
-                   help="GPUs reserved for the entrypoint, e.g. 1 for evaluate or predict on a GPU")
+                   help="GPUs reserved for the entrypoint, e.g. 1 for predict of one video on a GPU (not for "
+                   "evaluate or predict --manifest, whose actors take every GPU of the cluster)")
     p.add_argument("--memory", default=None, metavar="SIZE", help="memory reserved for the entrypoint: 8Gi, 16G, bytes")
     p.add_argument("--pip", action="store_true",
                    help="install pyproject.toml's dependencies in the job's runtime env (default: the "
