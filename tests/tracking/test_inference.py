@@ -139,3 +139,47 @@ def test_predict_names_a_missing_manifest_in_one_line(tmp_path, capsys):
     assert exited.value.code == 1
     err = capsys.readouterr().err
     assert err.startswith("uniformer predict: ") and "nope/manifest.parquet" in err and err.count("\n") == 1
+
+
+_GPU_POOL_SCRIPT = """
+import json, ray
+from ray.cluster_utils import Cluster
+from pipeline.config import load_config
+from pipeline.tracking.inference import actor_pool
+
+cluster = Cluster(initialize_head=True, head_node_args={"num_cpus": 1, "include_dashboard": False})
+cluster.add_node(num_cpus=3, num_gpus=2)  # a "GPU node": Ray only counts the GPUs
+cluster.wait_for_nodes()
+ray.init(address=cluster.address, log_to_driver=False)
+try:
+    pool = actor_pool(load_config(None, ["data.decode_cpus=0.5"]).data)
+    free_gpus = ray.available_resources().get("GPU", 0)  # what the driver left to the actors
+
+    @ray.remote
+    class Actor:
+        def gpu(self):
+            return ray.get_gpu_ids()
+
+    actors = [Actor.options(num_gpus=pool["num_gpus"], num_cpus=pool["num_cpus"]).remote()
+              for _ in range(pool["compute"].max_size)]
+    placed = ray.get([a.gpu.remote() for a in actors], timeout=120)
+    print(json.dumps({"size": pool["compute"].max_size, "num_gpus": pool["num_gpus"],
+                      "free_gpus": free_gpus, "placed": placed}))
+finally:
+    ray.shutdown()
+    cluster.shutdown()
+"""
+
+
+def test_the_actor_pool_takes_every_gpu_of_a_simulated_cluster_and_the_driver_none():
+    """One actor per GPU of the cluster, each placed, and the driver (as evaluate runs it) holds no
+    GPU: a driver submitted with `--num-gpus 1` would leave one actor unplaceable (README, Inference)."""
+    import subprocess
+    import sys
+
+    done = subprocess.run([sys.executable, "-c", _GPU_POOL_SCRIPT], capture_output=True, text=True, timeout=300)
+    assert done.returncode == 0, done.stderr[-2000:]
+    result = json.loads(done.stdout.strip().splitlines()[-1])
+    assert result["size"] == 2 and result["num_gpus"] == 1
+    assert result["free_gpus"] == 2
+    assert sorted(len(ids) for ids in result["placed"]) == [1, 1]
