@@ -4,7 +4,7 @@ UniFormer runs a depthwise 5x5x5 convolution (local MHRA) and a depthwise 3x3x3 
 (dynamic position embedding) in every block of stages 1-2, and the 3x3x3 one in stages 3-4.
 PyTorch's native CUDA kernels for these are slow: one bf16 5x5x5 conv on a (16, 64, 8, 56, 56)
 activation takes 15.4 ms forward + backward on an H200, about 69% of an official training step
-(DESIGN.md section 7), while its memory traffic would take under 0.1 ms. This module has:
+(DESIGN.md "Performance anchors"), while its memory traffic would take under 0.1 ms. This module has:
 
 - `depthwise_conv3d(x, weight, bias)`: (B, C, T, H, W) in and out, any memory format.
 - `depthwise_conv3d_tokens(x, weight, bias)`: token-major (B, T, H, W, C) in and out.

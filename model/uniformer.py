@@ -572,7 +572,7 @@ def _fold_into(norm: nn.BatchNorm3d, layer: nn.Module) -> None:
 # --------------------------------------------------------------------------------------------
 
 VARIANTS: dict[str, dict[str, Any]] = {
-    # A CPU-sized model for tests and the demo; learns the synthetic motion task (DESIGN §8).
+    # A CPU-sized model for tests and the demo; learns the synthetic motion task (DESIGN.md "Pitfalls").
     "uniformer_xs": dict(depths=(1, 1, 2, 1), embed_dims=(32, 64, 128, 256), head_dim=32),
     # The paper's video models: 21.40 M / 49.81 M parameters at 400 classes.
     "uniformer_s": dict(depths=(3, 4, 8, 3), embed_dims=(64, 128, 320, 512), head_dim=64),

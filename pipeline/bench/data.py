@@ -382,7 +382,7 @@ def run_data_bench(*, data: DataConfig, storage: StorageConfig = StorageConfig()
             _note(progress, f"seek cost on {variant}: {seek_clips} clips")
             seek[variant] = measure_seek(paths[variant], num_frames=data.num_frames, sampling_rate=data.sampling_rate,
                                          frame_stride=frame_stride if variant == "prepared" else 1, clips=seek_clips)
-        # What the prepared copy buys per clip, seek cost included (DESIGN.md §7: ~2.7x).
+        # What the prepared copy buys per clip, seek cost included (README "Benchmarks": 1.64x).
         result["seek"] = seek
         result["prepared_speedup_vs_original_gop250"] = seek["original_gop250"]["clip_ms"] / seek["prepared"]["clip_ms"]
     return result

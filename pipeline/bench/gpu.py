@@ -21,7 +21,7 @@ little time left is not started. The table then shows what was measured, and a r
 figure that was stopped or not run; the command exits non-zero.
 
 Targets: set for one H200, from the figures of the official implementation measured on one H200
-(DESIGN.md section 7: bf16 autocast, 16x224x224 clips) and issue 7's goals (2x the official eager
+(DESIGN.md "Performance anchors": bf16 autocast, 16x224x224 clips) and issue 7's goals (2x the official eager
 training speed, half its peak memory, a 10x depthwise convolution; inference at 1x the official
 eager figure, where issue 7 asked 2x). None has been measured yet: no GPU has run this check. Each target names its basis (`Target.basis`, the table's last column).
 Absolute figures hold only on an H200; the "x reference" rows compare with the reference
@@ -81,7 +81,7 @@ MIN_PART_S = 20.0
 KILL_GRACE_S = 5.0
 
 TARGETS_SET_ON = ("one H200: the targets derive from the official implementation's figures on one H200 "
-                  "(DESIGN.md section 7); not yet measured on any GPU")
+                  "(DESIGN.md 'Performance anchors'); not yet measured on any GPU")
 
 
 @dataclass(frozen=True)
@@ -116,7 +116,7 @@ def _model_targets(label: str, mode: str, official: float, times: float, note: s
     return [
         Target(f"{label} 16x224 {mode} bf16, clips/s", "optimised.clips_per_s", at_least=round(times * official),
                reference_key="reference.clips_per_s",
-               basis=f"{times:g}x the official eager {official:g} clips/s (H200, DESIGN.md 7){note}"),
+               basis=f"{times:g}x the official eager {official:g} clips/s (H200, DESIGN.md 'Performance anchors'){note}"),
         Target(f"{label} 16x224 {mode} bf16, x reference", "speedup", at_least=times,
                basis=f"{times:g}x the reference formulation in the same run, any GPU{note}")]
 
@@ -135,10 +135,10 @@ BENCHES: list[tuple[str, argparse.Namespace, list[Target]]] = [
     ("dwconv", argparse.Namespace(shape="16,64,8,56,56", kernel=5, precision="bf16", steps=20, warmup=5,
                                   device="cuda", sweep=False), [
         Target("dwconv 5x5x5 fwd+bwd, x F.conv3d NCDHW", "speedup_fwd_bwd_tokens", at_least=10,
-               basis="PyTorch's kernel on NCDHW in the same run (15.4 ms on the H200, DESIGN.md 7); issue 7's 10x"),
+               basis="PyTorch's kernel on NCDHW in the same run (15.4 ms on the H200, DESIGN.md 'Performance anchors'); issue 7's 10x"),
         Target("dwconv 5x5x5 fwd+bwd, x F.conv3d channels-last", "speedup_fwd_bwd_tokens_vs_channels_last",
                at_least=10,
-               basis="PyTorch's kernel on channels_last_3d in the same run (13.8 ms on the H200, DESIGN.md 7, "
+               basis="PyTorch's kernel on channels_last_3d in the same run (13.8 ms on the H200, DESIGN.md 'Performance anchors', "
                      "its faster layout there); issue 7's 10x")]),
 ]
 # The recipes' whole step at their per-GPU micro-batch (S16x4: 64 clips over 8 GPUs, B16x4: 80).

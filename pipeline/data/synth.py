@@ -3,7 +3,7 @@
 Each video shows 1-2 disks filled with a random texture over a random textured background;
 all disks of a video follow the class's motion (travel in a direction, grow, shrink, rotate, or
 a combination) at random speeds from random positions. Texture is what makes motion visible
-locally (DESIGN.md §8: flat colours do not learn), and since every class draws its shapes,
+locally (DESIGN.md "Pitfalls": flat colours do not learn), and since every class draws its shapes,
 colours, sizes and positions from the same distributions, no single frame tells the class.
 
 `encode_h264` is the project's small H.264 writer (valid, increasing timestamps; optional

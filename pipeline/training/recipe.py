@@ -1,4 +1,4 @@
-"""The training recipe's pieces (DESIGN.md §6): parameter groups, LR schedule, random erasing,
+"""The training recipe's pieces (DESIGN.md "The published recipe"): parameter groups, LR schedule, random erasing,
 mixup/cutmix, EMA.
 
 Plain PyTorch functions, testable without Ray.
@@ -98,7 +98,7 @@ def random_erase(clips: torch.Tensor, *, prob: float, rng: np.random.Generator,
 
     `clips` are normalised (B, C, T, H, W) on the device, where the official applies it: noise in
     normalised units needs no clipping to [0, 255], and it spends idle accelerator time rather than
-    decode CPUs, the scarce resource (DESIGN.md §7). Call it before `mix_batch`, as the official
+    decode CPUs, the scarce resource (DESIGN.md "Performance anchors"). Call it before `mix_batch`, as the official
     erases each clip before mixing. Boxes come from the host `rng` (no device sync), noise from
     `generator` (the device's default generator, which the loop seeds, when None).
     """

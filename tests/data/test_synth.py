@@ -45,7 +45,7 @@ def test_deterministic_per_seed(dataset, tmp_path):
 
 def test_frames_are_textured_and_move():
     video = render_video(np.random.default_rng(0), MOTIONS[0], num_frames=8, height=64, width=64).astype(int)
-    # texture: neighbouring pixels differ (flat colours do not train, DESIGN.md §8)
+    # texture: neighbouring pixels differ (flat colours do not train, DESIGN.md "Pitfalls")
     assert np.abs(np.diff(video[0], axis=1)).mean() > 8
     # motion: consecutive frames differ, locally
     assert (np.abs(video[1] - video[0]).sum(-1) > 30).mean() > 0.01

@@ -1,4 +1,4 @@
-"""Every config under infra/configs loads; the published recipes (DESIGN.md §6) hold the paper's
+"""Every config under infra/configs loads; the published recipes (DESIGN.md "The published recipe") hold the paper's
 values; the commands in each recipe's header are valid commands of this project."""
 
 import shlex
