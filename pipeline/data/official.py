@@ -185,13 +185,13 @@ def label_order(labels: list[str], dataset: str, *, what: str = "the data") -> l
         where = {name: i for i, name in enumerate(official)}
         return [where[name] for name in labels]
     first = next((i for i, (a, b) in enumerate(zip(labels, official)) if a != b), min(len(labels), len(official)))
-    ours = repr(labels[first]) if first < len(labels) else "nothing (it ends there)"
-    theirs = repr(official[first]) if first < len(official) else "nothing (it ends there)"
+    ours = repr(labels[first]) if first < len(labels) else "nothing (the list ends)"
+    theirs = repr(official[first]) if first < len(official) else "nothing (its list ends)"
     unknown = [name for name in labels if name not in set(official)]
     extra = f"; {len(unknown)} of its names are not {title} classes, e.g. {unknown[0]!r}" if unknown else ""
     raise LabelMapError(
         f"{what} has {len(labels)} labels, the {title} checkpoint {len(official)}; they differ first at index "
-        f"{first}: {what} has {ours}, {title} {theirs}{extra}. Prepare the data with `--labels {dataset}` (the "
+        f"{first}: {ours} where {title} has {theirs}{extra}. Prepare the data with `--labels {dataset}` (the "
         f"official list), or train a new head for these classes (model.new_head=true)")
 
 

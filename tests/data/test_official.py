@@ -64,11 +64,11 @@ def test_the_official_list_passes_and_a_list_of_other_names_is_refused_at_its_fi
     assert label_order(k400, "k400") is None
     renamed = k400[:5] + ["zumba dancing"] + k400[6:]
     with pytest.raises(LabelMapError, match=r"^the data has 400 labels, the Kinetics-400 checkpoint 400; they differ "
-                       r"first at index 5: the data has 'zumba dancing', Kinetics-400 'roller skating'; 1 of its names "
+                       r"first at index 5: 'zumba dancing' where Kinetics-400 has 'roller skating'; 1 of its names "
                        r"are not Kinetics-400 classes, e.g. 'zumba dancing'. Prepare the data with `--labels k400`"):
         label_order(renamed, "k400")
     with pytest.raises(LabelMapError, match=r"has 3 labels, the Something-Something V2 checkpoint 174; they differ "
-                       r"first at index 3: the data has nothing \(it ends there\)"):
+                       r"first at index 3: nothing \(the list ends\) where Something-Something V2 has"):
         label_order(class_list("ssv2")[:3], "ssv2")
 
 
