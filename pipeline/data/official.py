@@ -173,7 +173,8 @@ def checkpoint_dataset(uri: str, head_classes: int | None, declared: str = "", *
 # Label lists against a checkpoint's
 
 
-def label_order(labels: list[str], dataset: str, *, what: str = "the data") -> list[int] | None:
+def label_order(labels: list[str], dataset: str, *, what: str = "the data",
+                fix: str = "or train a new head for these classes (model.new_head=true)") -> list[int] | None:
     """None when `labels` is the class list of `dataset`; when it holds the same names in another order,
     for each index j of `labels` the index of that name in the dataset's list (the rows a head trained on
     the dataset must take to answer in `labels`' order); else LabelMapError naming the first difference."""
@@ -192,7 +193,7 @@ def label_order(labels: list[str], dataset: str, *, what: str = "the data") -> l
     raise LabelMapError(
         f"{what} has {len(labels)} labels, the {title} checkpoint {len(official)}; they differ first at index "
         f"{first}: {ours} where {title} has {theirs}{extra}. Prepare the data with `--labels {dataset}` (the "
-        f"official list), or train a new head for these classes (model.new_head=true)")
+        f"official list){', ' + fix if fix else ''}")
 
 
 def reorder_head(state: dict, order: list[int]) -> dict:
