@@ -173,3 +173,23 @@ def test_header_prepare_command_is_valid(name):
         assert args.labels == name[:4]
     if name.startswith("ssv1"):  # JPEG frames at the dataset's 12 fps
         assert args.frames_fps == 12
+
+
+def test_the_finetune_recipe_starts_from_k400_with_a_new_head_for_the_datas_classes():
+    """Settings of the official HMDB51/UCF101 fine-tunes from K400 (exp/uniformer_s16x4_hmdb51_prek400)."""
+    name = "finetune_uniformer_s16x4.yaml"
+    got = flat(load_config(CONFIGS / name, INIT))
+    expected = dict(variant="uniformer_s", num_classes=0, new_head=True, require_init=True, drop_path_rate=0.2,
+                    rand_augment="rand-m5-n2-mstd0.25", lr_per_32_videos=1.25e-5, epochs=25, warmup_epochs=5,
+                    test_clips=5, test_crops=3, val_every_epochs=1, checkpoint_metric="val_top1", sampling="dense",
+                    num_frames=16, sampling_rate=4, repeated_aug=2, use_gpu=True)
+    assert {k: got[k] for k in expected} == expected
+    cfg = load_config(CONFIGS / name, INIT)
+    assert cfg.base_lr() * 128 / (cfg.train.batch_size // cfg.data.repeated_aug) == pytest.approx(5e-5)  # official
+    args = header_command(CONFIGS / name, "train")
+    assert load_config(ROOT / args[1], args[2:]).model.init_from == "s3://BUCKET/checkpoints/uniformer_small_k400_16x4.pth"
+    from jobs.prepare import build_parser
+
+    prepare = build_parser().parse_args(header_command(CONFIGS / name, "prepare"))
+    assert prepare.annotations is None and prepare.frame_stride == cfg.data.sampling_rate  # class folders
+    assert f"`{name}`" in (CONFIGS / "README.md").read_text()
