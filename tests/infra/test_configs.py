@@ -169,7 +169,7 @@ def test_header_prepare_command_is_valid(name):
     assert args.output.startswith("s3://")
     if name.startswith(("k400", "k600")):  # prepared copies keep every 4th frame: the recipe's sampling stride
         assert args.frame_stride == load_config(CONFIGS / name, INIT).data.sampling_rate == 4
-    if name.startswith(("k600", "ssv1")):  # the official checkpoints' class indices
+    if name.startswith(("k400", "k600", "ssv1")):  # the official checkpoints' class indices
         assert args.labels == name[:4]
     if name.startswith("ssv1"):  # JPEG frames at the dataset's 12 fps
         assert args.frames_fps == 12
