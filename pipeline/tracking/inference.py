@@ -121,9 +121,24 @@ def load_model(cfg: Config, model_uri: str, *, dataset: str = "") -> LoadedModel
                              "checkpoint's state dicts and config as plain data") from None
     if not isinstance(state, dict) or "config" not in state or "model_state" not in state:
         return official_model(target, state, dataset)
-    preprocess = serving.preprocess_config(config_from_dict(state["config"]))
-    return LoadedModel(state.get("ema_state") or state["model_state"], preprocess, None, state.get("mlflow_run_id"),
+    trained = config_from_dict(state["config"])
+    return LoadedModel(state.get("ema_state") or state["model_state"], serving.preprocess_config(trained),
+                       training_labels(dataclasses.replace(trained, storage=cfg.storage)), state.get("mlflow_run_id"),
                        model_uri)
+
+
+def training_labels(trained: Config) -> list[str] | None:
+    """The class names of a training checkpoint: its data's labels.json, when it can still be read (else None:
+    the evaluated manifest's names are used)."""
+    from pipeline.data.storage import StorageError
+    from pipeline.tracking.datasets import manifest_labels
+
+    try:
+        names = manifest_labels(trained.data.manifest, trained.storage) if trained.data.manifest else None
+    except (StorageError, ValueError):
+        return None
+    n = trained.model.num_classes
+    return None if names is None or len(names) > n else names + [f"class_{i}" for i in range(len(names), n)]
 
 
 def variant_of(state: dict, uri: str) -> str:
