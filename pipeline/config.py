@@ -96,10 +96,18 @@ class DataConfig:
 @dataclass(frozen=True)
 class ModelConfig:
     variant: str = "uniformer_s"
-    num_classes: int = 400
+    # 0: as many as the prepared data's labels.json names (set when a training starts, then logged and
+    # checkpointed as that number); a recipe of a published dataset sets its own.
+    num_classes: int = 0
     drop_path_rate: float = 0.1
     grad_checkpointing: bool = False
     init_from: str = ""  # official or own checkpoint; ImageNet 2D weights are inflated
+    # What init_from was trained on when its file name and head do not say (pipeline.data.official): its head
+    # is kept only with the same labels as the data's (same names, same order, or the head reordered); "none":
+    # not an official dataset, no label check. Empty: from the name, else the head's class count.
+    init_dataset: Literal["", "k400", "k600", "ssv1", "ssv2", "imagenet", "none"] = ""
+    # Drop init_from's classifier and train a new one for the data's classes (fine-tuning on own videos).
+    new_head: bool = False
     # True in the published recipes: they fine-tune pretrained weights (K400 from ImageNet-1k,
     # SSv2 from K400), and from scratch they land far below the paper; refuse an empty init_from.
     require_init: bool = False
@@ -347,7 +355,7 @@ def validate(cfg: Config) -> Config:
                        ("data.repeated_aug", d.repeated_aug), ("data.test_clips", d.test_clips),
                        ("data.inference_cpu_actors", d.inference_cpu_actors),
                        ("data.inference_batch_size", d.inference_batch_size),
-                       ("model.num_classes", m.num_classes), ("optim.epochs", o.epochs),
+                       ("optim.epochs", o.epochs),
                        ("optim.grad_accum_steps", o.grad_accum_steps),
                        ("train.num_workers", t.num_workers), ("train.batch_size", t.batch_size),
                        ("train.val_every_epochs", t.val_every_epochs),
@@ -380,6 +388,8 @@ def validate(cfg: Config) -> Config:
             parse_rand_augment(d.rand_augment)
         except ValueError as err:
             raise ConfigError(f"data.rand_augment: {err}") from None
+    _check(m.num_classes >= 0, "model.num_classes", "must be >= 0 (0: as many as the data's labels.json names)",
+           m.num_classes)
     _check(0 <= m.drop_path_rate < 1, "model.drop_path_rate", "must be in [0, 1)", m.drop_path_rate)
     _check(bool(m.init_from) or not m.require_init, "model.init_from",
            "is required by this recipe (model.require_init=true): pass model.init_from=URI of the pretrained "

@@ -1,6 +1,7 @@
 """Annotation files -> one row per annotated video, bad rows kept with an error.
 
-Formats (`format="auto"` picks by extension: `.csv` kinetics, `.json` ssv2, anything else list):
+Formats (`format="auto"` picks by extension: `.csv` kinetics, or ssv1 when its first line has no
+`youtube_id` and a `;` or no comma; `.json` ssv2; anything else list):
 
 - `kinetics`: CSV with a header holding `youtube_id,time_start,time_end` and optionally `label`
   and `split` (the official Kinetics-400/600/700 files). The video of a row is
@@ -13,6 +14,10 @@ Formats (`format="auto"` picks by extension: `.csv` kinetics, `.json` ssv2, anyt
   template without brackets (`"Holding [something]"` -> `"Holding something"`), else `label`;
   the video is `<id>.webm`. Give the official `something-something-v2-labels.json` as the
   labels file to keep the official class indices.
+- `ssv1`: Something-Something V1's `something-something-v1-{train,validation,test}.csv`: lines
+  `id;label name` (`id` alone in the test file). The video is the frame folder `<id>` (JPEG frames
+  `<id>/00001.jpg` ..., `pipeline.data.frames`). Give `--labels ssv1` to keep the official checkpoints'
+  class indices (the names sorted), or the official `something-something-v1-labels.csv` for its line order.
 - `list`: lines `relative/path label [split]`, split on tabs when the line has one (paths with
   spaces), else on whitespace; `#` starts a comment line. The label is an index when it is an
   integer, else a name.
@@ -23,7 +28,8 @@ name (`train*`, `val*`/`valid*`, `test*` as a word of it, e.g. `something-someth
 `val`.
 
 Label indices: fixed by a labels file when one is given (a JSON list of names, a JSON object
-name -> index as SSv2 ships it, or one name per line); otherwise the sorted label names of all
+name -> index as SSv2 ships it, or one name per line; `k400`, `k600`, `ssv1` or `ssv2` name the official
+checkpoints' lists, `pipeline.data.official`); otherwise the sorted label names of all
 annotation files together, so every split of one preparation shares them. A list whose labels
 are all integers and that has no labels file uses those integers, named "0", "1", ...
 """
@@ -41,9 +47,9 @@ from typing import Any, Literal
 from pipeline.config import StorageConfig
 from pipeline.data import storage as st
 
-Format = Literal["auto", "kinetics", "ssv2", "list"]
+Format = Literal["auto", "kinetics", "ssv1", "ssv2", "list"]
 Layout = Literal["flat", "split", "label"]
-FORMATS = ("auto", "kinetics", "ssv2", "list")
+FORMATS = ("auto", "kinetics", "ssv1", "ssv2", "list")
 LAYOUTS = ("flat", "split", "label")
 _SPLIT_ALIASES = {"validate": "val", "validation": "val", "valid": "val"}
 
@@ -263,6 +269,26 @@ def parse_ssv2(text: str, *, source: str, split: str | None = None) -> list[Anno
     return rows
 
 
+def parse_ssv1(text: str, *, source: str, split: str | None = None) -> list[AnnotationRow]:
+    """Rows of a Something-Something V1 CSV: `id;label name` per line (the test file: `id`)."""
+    default = _row_split(None, split, split_from_name(source) or "train")
+    rows = []
+    for lineno, line in enumerate(text.splitlines(), start=1):
+        if not line.strip():
+            continue
+        where = f"{source}:{lineno}"
+        vid, sep, label = (part.strip() for part in line.partition(";"))
+        error = ""
+        if not vid or "/" in vid or vid in (".", ".."):
+            error = f"bad id {vid!r} (expected 'id;label name')"
+        elif not label:
+            error = _label_missing(default)
+        elif ";" in label:
+            error = f"{line.count(';') + 1} fields separated by ';', expected 'id;label name'"
+        rows.append(AnnotationRow(vid if not error.startswith("bad id") else "", label, -1, default, error, where))
+    return rows
+
+
 def parse_list(text: str, *, source: str, split: str | None = None) -> list[AnnotationRow]:
     """Rows of a `path label [split]` list (labels: an integer is an index, else a name)."""
     default = _row_split(None, split, split_from_name(source) or "train")
@@ -289,17 +315,23 @@ def parse_list(text: str, *, source: str, split: str | None = None) -> list[Anno
     return rows
 
 
-def detect_format(uri: str) -> str:
+def detect_format(uri: str, text: str = "") -> str:
     lower = uri.lower()
-    return "kinetics" if lower.endswith(".csv") else "ssv2" if lower.endswith(".json") else "list"
+    if lower.endswith(".csv"):
+        first = next((line for line in text.splitlines() if line.strip()), "")
+        # SSv1's CSVs: `id;label` lines, or bare ids (its test file); a Kinetics CSV has a comma header.
+        return "ssv1" if "youtube_id" not in first and (";" in first or "," not in first) else "kinetics"
+    return "ssv2" if lower.endswith(".json") else "list"
 
 
 def parse_annotations(text: str, *, format: Format, source: str, split: str | None = None,
                       layout: Layout = "flat") -> list[AnnotationRow]:
     """Rows of one annotation file's text, labels not yet resolved (see `resolve_labels`)."""
-    fmt = detect_format(source) if format == "auto" else format
+    fmt = detect_format(source, text) if format == "auto" else format
     if fmt == "kinetics":
         return parse_kinetics(text, source=source, split=split, layout=layout)
+    if fmt == "ssv1":
+        return parse_ssv1(text, source=source, split=split)
     if fmt == "ssv2":
         return parse_ssv2(text, source=source, split=split)
     if fmt == "list":
@@ -327,5 +359,11 @@ def load_annotations(uris: str | list[str], *, format: Format = "auto", labels_u
     rows: list[AnnotationRow] = []
     for uri in [uris] if isinstance(uris, str) else uris:
         rows += parse_annotations(_read_text(uri, storage), format=format, source=uri, split=split, layout=layout)
-    labels = read_labels(labels_uri, storage=storage) if labels_uri else None
-    return resolve_labels(rows, labels)
+    return resolve_labels(rows, labels_of(labels_uri, storage=storage) if labels_uri else None)
+
+
+def labels_of(labels: str, *, storage: StorageConfig = StorageConfig()) -> list[str]:
+    """The names of a labels file, or of an official dataset's list (`k400`, `k600`, `ssv1`, `ssv2`)."""
+    from pipeline.data import official
+
+    return official.class_list(labels) if labels in official.DATASETS else read_labels(labels, storage=storage)

@@ -21,7 +21,7 @@ from __future__ import annotations
 import os
 from fractions import Fraction
 from pathlib import Path
-from typing import IO, Union
+from typing import IO, Iterable, Union
 
 import av
 import numpy as np
@@ -337,3 +337,54 @@ def transcode_video(src: Source, dst_local_path: str | Path, *, short_side: int 
             "duration_s": float(written * time_base), "bytes": dst.stat().st_size, "codec": "h264",
             "pix_fmt": "yuv420p", "frame_stride": frame_stride, "keyframe_interval": keyframe_interval,
             "source_frames": decoded}
+
+
+def encode_rgb_frames(frames: Iterable[np.ndarray], dst_local_path: str | Path, *, fps: float,
+                      short_side: int | None = None, keyframe_interval: int = 16, crf: int = 23,
+                      preset: str = "veryfast", threads: int = 0) -> dict:
+    """Encode uint8 RGB frames (H, W, 3) of one size as the MP4 `transcode_video` writes: H.264
+    yuv420p, even dimensions, the short side scaled down to `short_side`, a keyframe every
+    `keyframe_interval` frames, no B-frames, timestamps j in a 1/`fps` time base. RGB has no matrix of
+    its own to keep, so the copy is BT.709 limited range and tagged so, as a transcoded RGB video is.
+    Returns what `transcode_video` returns (`source_frames`: frames given). Raises `TranscodeError`
+    (one line) when encoding fails or no frame is given; ValueError for a frame of another size.
+    """
+    if fps <= 0:
+        raise ValueError(f"fps={fps} must be > 0")
+    rate = Fraction(fps).limit_denominator(1001)
+    time_base = Fraction(rate.denominator, rate.numerator)
+    dst = Path(dst_local_path)
+    dst.parent.mkdir(parents=True, exist_ok=True)
+    written, size = 0, None
+    try:
+        with av.open(str(dst), "w", format="mp4", options={"movflags": "+faststart"}) as out:
+            stream, reformatter = None, VideoReformatter()
+            for rgb in frames:
+                if size is None:
+                    size = rgb.shape[:2]
+                    out_width, out_height = output_size(rgb.shape[1], rgb.shape[0], short_side)
+                elif rgb.shape[:2] != size:
+                    raise ValueError(f"frame {written} is {rgb.shape[1]}x{rgb.shape[0]}, the first {size[1]}x{size[0]}")
+                picture = av.VideoFrame.from_ndarray(np.ascontiguousarray(rgb, dtype=np.uint8), format="rgb24")
+                image = reformatter.reformat(picture, width=out_width, height=out_height, format="yuv420p",
+                                             interpolation="AREA", threads=threads, dst_colorspace="ITU709",
+                                             dst_color_range="MPEG")
+                if stream is None:
+                    stream = _h264_stream(out, image, rate, keyframe_interval=keyframe_interval, crf=crf,
+                                          preset=preset, threads=threads)
+                image.pts, image.time_base = written, time_base
+                for packet in stream.encode(image):
+                    out.mux(packet)
+                written += 1
+            if stream is None:
+                raise TranscodeError("no frames to encode")
+            for packet in stream.encode():
+                out.mux(packet)
+    except (TranscodeError, ValueError):
+        raise
+    except Exception as err:  # noqa: BLE001 - one line for the manifest's reason
+        raise TranscodeError(f"after {written} encoded frames: {_one_line(err)}") from None
+    return {"num_frames": written, "fps": float(rate), "width": out_width, "height": out_height,
+            "duration_s": float(written * time_base), "bytes": dst.stat().st_size, "codec": "h264",
+            "pix_fmt": "yuv420p", "frame_stride": 1, "keyframe_interval": keyframe_interval,
+            "source_frames": written}

@@ -47,17 +47,25 @@ def labels_from_manifest(table, num_classes: int) -> list[str]:
     return names
 
 
-def dataset_labels(cfg: Config, manifest=None) -> list[str]:
-    """The class names of `cfg.data.manifest`: `labels.json` beside it (what `prepare` writes), else the
-    manifest's own label names; padded to `model.num_classes` when the data has fewer classes."""
+def manifest_labels(manifest_uri: str, storage_config) -> list[str] | None:
+    """The class names of a prepared dataset in index order: its `labels.json` (what `prepare` writes beside
+    the manifest), or None when it has none."""
     from pipeline.data import storage
     from pipeline.data.annotations import read_labels
 
-    uri = manifest_file_uri(cfg.data.manifest)
+    uri = manifest_file_uri(manifest_uri)
     labels_uri = uri.rsplit("/", 1)[0] + "/labels.json" if "/" in uri else "labels.json"
+    return read_labels(labels_uri, storage=storage_config) if storage.exists(labels_uri, storage=storage_config) \
+        else None
+
+
+def dataset_labels(cfg: Config, manifest=None) -> list[str]:
+    """The class names of `cfg.data.manifest`: `labels.json` beside it (what `prepare` writes), else the
+    manifest's own label names; padded to `model.num_classes` when the data has fewer classes."""
     n = cfg.model.num_classes
-    if storage.exists(labels_uri, storage=cfg.storage):
-        names = read_labels(labels_uri, storage=cfg.storage)
+    names = manifest_labels(cfg.data.manifest, cfg.storage)
+    if names is not None:
+        labels_uri = manifest_file_uri(cfg.data.manifest).rsplit("/", 1)[0] + "/labels.json"
         if len(names) > n:
             raise ValueError(f"{labels_uri} names {len(names)} classes but model.num_classes={n}; set "
                              f"model.num_classes={len(names)}")

@@ -25,7 +25,8 @@ import pyarrow.compute as pc
 
 from pipeline.config import Config, DataConfig
 from pipeline.tracking.datasets import dataset_name, log_dataset_input, manifest_file_uri
-from pipeline.tracking.inference import MODEL_DATA_KEYS, class_names, eval_data_config, load_model, run_inference
+from pipeline.tracking.inference import (MODEL_DATA_KEYS, align_to_manifest, class_names, eval_data_config, load_model,
+                                        run_inference)
 from pipeline.tracking.metrics import log_metrics, log_model_metrics
 from pipeline.tracking.plots import log_confusion
 from pipeline.tracking.runs import client_for, code_version, experiment_id, log_params, log_text, param_value
@@ -60,13 +61,16 @@ class Evaluation:
 
 
 def run_evaluation(cfg: Config, model_uri: str, manifest_uri: str, *, split: str = "val",
-                   views: tuple[int, int] | None = None, manifest=None) -> Evaluation:
-    """Evaluate `model_uri` on `split` of the manifest; nothing is logged."""
+                   views: tuple[int, int] | None = None, manifest=None, dataset: str = "") -> Evaluation:
+    """Evaluate `model_uri` on `split` of the manifest; nothing is logged. An official checkpoint runs under
+    its dataset's official protocol (unless the config sets views, frames or sizes) with its head in the
+    manifest's label order, and the result names the official README's top-1 beside the measured one."""
     from pipeline.data.manifest import read_manifest
     from pipeline.tracking.predictions import key_of
 
-    model = load_model(cfg, model_uri)
+    model = load_model(cfg, model_uri, dataset=dataset)
     table = manifest if manifest is not None else read_manifest(manifest_uri, storage=cfg.storage)
+    label_order = align_to_manifest(cfg, model, manifest_uri, table)
     data = eval_data_config(cfg, model.preprocess, views)
     predictions = run_inference(cfg, model, table, split=split, data=data)
     metrics, confusion = metrics_from_predictions(predictions, int(model.preprocess["num_classes"]))
@@ -76,14 +80,19 @@ def run_evaluation(cfg: Config, model_uri: str, manifest_uri: str, *, split: str
                               "manifest_hash": key.manifest_hash, "split": split, "test_clips": data.test_clips,
                               "test_crops": data.test_crops, "source_run_id": model.source_run_id,
                               "model_id": model.model_id}
+    if model.official:
+        result.update(dataset=model.official, variant=model.preprocess["variant"], num_frames=data.num_frames,
+                      published_top1=None if model.published_top1 is None else round(model.published_top1 / 100, 4),
+                      label_order=label_order)
     return Evaluation(result, predictions, table, data, class_names(model, table), confusion)
 
 
 def evaluate(cfg: Config, model_uri: str, manifest_uri: str, *, split: str = "val",
-             views: tuple[int, int] | None = None, manifest=None, log: bool = True) -> dict[str, Any]:
+             views: tuple[int, int] | None = None, manifest=None, log: bool = True, dataset: str = "") -> dict[str, Any]:
     """Evaluate `model_uri` on `split` of the manifest; log it as an MLflow run when `log`."""
     t0 = time.perf_counter()
-    evaluation = run_evaluation(cfg, model_uri, manifest_uri, split=split, views=views, manifest=manifest)
+    evaluation = run_evaluation(cfg, model_uri, manifest_uri, split=split, views=views, manifest=manifest,
+                                dataset=dataset)
     result = evaluation.result
     if log:
         result["eval_run_id"] = log_evaluation(cfg, evaluation, manifest_uri=manifest_uri)
@@ -134,7 +143,9 @@ def log_evaluation(cfg: Config, evaluation: Evaluation, *, manifest_uri: str) ->
             "model_uri": result["model_uri"], "eval.manifest_uri": manifest_file_uri(manifest_uri),
             "eval.manifest_hash": result["manifest_hash"], "eval.split": result["split"],
             "eval.test_clips": data.test_clips, "eval.test_crops": data.test_crops,
-            **{f"data.{k}": getattr(data, k) for k in MODEL_DATA_KEYS if k not in ("test_clips", "test_crops")}})
+            **{f"data.{k}": getattr(data, k) for k in MODEL_DATA_KEYS if k not in ("test_clips", "test_crops")},
+            **({"eval.official_dataset": result["dataset"], "eval.published_top1": result["published_top1"]}
+               if "dataset" in result else {})})
         metrics = {k: v for k, v in result.items() if k.startswith("eval_") and isinstance(v, (int, float))}
         log_dataset_input(client, run_id, evaluation.table, manifest_uri=manifest_uri,
                                    digest=result["manifest_hash"], context="eval", name=dataset)

@@ -9,7 +9,10 @@ manifest row of the split becomes one row of the prediction table (`pipeline.tra
 unusable ones with a status and a reason.
 
 The model is `runs:/RUN_ID/video_classifier`, `models:/NAME@alias`, `models:/NAME/VERSION`, a
-downloaded model folder, or a training checkpoint (a folder with checkpoint.pt, or the file).
+downloaded model folder, a training checkpoint (a folder with checkpoint.pt, or the file), or an official
+checkpoint (a bare state dict, `uniformer_small_k400_16x4.pth`): that one is run under the official test
+protocol of the dataset it was trained on (`pipeline.data.official`: which dataset, its views, frames and
+label list), and its head answers in the manifest's label order (`align_to_manifest`).
 """
 
 from __future__ import annotations
@@ -50,6 +53,8 @@ class LoadedModel:
     source_run_id: str | None  # the training run, when known
     model_uri: str
     model_id: str | None = None  # the MLflow logged model, when known
+    official: str | None = None  # an official checkpoint: the dataset it was trained on
+    published_top1: float | None = None  # an official checkpoint: the official README's top-1, in %
 
 
 def version_model_id(version) -> str | None:
@@ -86,8 +91,9 @@ def _model_source(client, model_uri: str) -> tuple[str | None, str | None]:
         return None, None
 
 
-def load_model(cfg: Config, model_uri: str) -> LoadedModel:
-    """The weights and preprocessing of an MLflow model URI, a model folder or a checkpoint."""
+def load_model(cfg: Config, model_uri: str, *, dataset: str = "") -> LoadedModel:
+    """The weights and preprocessing of an MLflow model URI, a model folder or a checkpoint (`dataset`: what an
+    official checkpoint was trained on, when its name and head do not say; see `pipeline.data.official`)."""
     import mlflow.artifacts
     import torch
 
@@ -114,11 +120,94 @@ def load_model(cfg: Config, model_uri: str) -> LoadedModel:
                              f"code when unpickled ({(str(err).splitlines() or [''])[0][:200]}); save the "
                              "checkpoint's state dicts and config as plain data") from None
     if not isinstance(state, dict) or "config" not in state or "model_state" not in state:
-        raise InferenceError(f"{target} is not a training checkpoint (no config/model_state); pass runs:/..., "
-                             "models:/NAME@alias or a checkpoint folder written by `uniformer train`")
-    preprocess = serving.preprocess_config(config_from_dict(state["config"]))
-    return LoadedModel(state.get("ema_state") or state["model_state"], preprocess, None, state.get("mlflow_run_id"),
+        return official_model(target, state, dataset)
+    trained = config_from_dict(state["config"])
+    return LoadedModel(state.get("ema_state") or state["model_state"], serving.preprocess_config(trained),
+                       training_labels(dataclasses.replace(trained, storage=cfg.storage)), state.get("mlflow_run_id"),
                        model_uri)
+
+
+def training_labels(trained: Config) -> list[str] | None:
+    """The class names of a training checkpoint: its data's labels.json, when it can still be read (else None:
+    the evaluated manifest's names are used)."""
+    from pipeline.data.storage import StorageError
+    from pipeline.tracking.datasets import manifest_labels
+
+    try:
+        names = manifest_labels(trained.data.manifest, trained.storage) if trained.data.manifest else None
+    except (StorageError, ValueError):
+        return None
+    n = trained.model.num_classes
+    return None if names is None or len(names) > n else names + [f"class_{i}" for i in range(len(names), n)]
+
+
+def variant_of(state: dict, uri: str) -> str:
+    """The variant whose state dict has exactly the keys and shapes of `state` (its head aside)."""
+    import torch
+
+    from model import create_uniformer, list_variants
+
+    shapes = {k: tuple(v.shape) for k, v in state.items() if not k.startswith("head.")}
+    for name in list_variants():
+        with torch.device("meta"):  # shapes only, no memory
+            reference = create_uniformer(name, num_classes=1).state_dict()
+        if {k: tuple(v.shape) for k, v in reference.items() if not k.startswith("head.")} == shapes:
+            return name
+    raise InferenceError(f"{uri}: its keys and shapes are those of no UniFormer variant ({', '.join(list_variants())})")
+
+
+def official_model(uri: str, obj: Any, dataset: str = "") -> LoadedModel:
+    """An official checkpoint (a bare state dict) with the test-time input of its dataset's official protocol
+    and the dataset's class list; frames and sampling stride from its name (16 and 4 when it says none)."""
+    from model import unwrap_state_dict
+    from pipeline.data import official
+
+    try:
+        state = unwrap_state_dict(obj)
+        trained_on = official.checkpoint_dataset(uri, official.head_classes(state), dataset, setting="--dataset")
+    except ValueError as err:  # LabelMapError included
+        raise InferenceError(f"{uri} is neither a training checkpoint (config, model_state) nor an official one: "
+                             f"{err}") from None
+    if trained_on not in official.DATASETS:
+        raise InferenceError(f"{uri} was not trained on an official video dataset ({trained_on}); name the one it was "
+                             f"trained on with --dataset ({', '.join(official.DATASETS)})")
+    name = official.parse_checkpoint_name(uri)
+    variant = variant_of(state, uri)
+    if name.variant and name.variant != variant:
+        raise InferenceError(f"{uri}: its name says {name.variant}, its weights are {variant}'s")
+    frames, rate = name.num_frames or 16, name.sampling_rate or 4
+    preprocess = official.official_preprocess(trained_on, variant=variant, num_frames=frames, sampling_rate=rate)
+    return LoadedModel(state, preprocess, official.class_list(trained_on), None, uri, official=trained_on,
+                       published_top1=official.published_top1(trained_on, variant, frames, sampling_rate=rate,
+                                                              pretrained=name.pretrained))
+
+
+def align_to_manifest(cfg: Config, model: LoadedModel, manifest_uri: str, manifest: pa.Table) -> str:
+    """An official checkpoint against the manifest's labels (its labels.json, else its rows' names): "official"
+    when they are the checkpoint's list, "reordered" when the same names come in another order (the head's rows
+    then follow the manifest's order), InferenceError naming the first differing index otherwise. "" for
+    other models, whose labels travel with them."""
+    import sys
+
+    from pipeline.data import official
+    from pipeline.tracking.datasets import manifest_labels
+
+    if not model.official:
+        return ""
+    labels = manifest_labels(manifest_uri, cfg.storage) or labels_from_manifest(
+        manifest, int(model.preprocess["num_classes"]))
+    try:
+        order = official.label_order(labels, model.official, what=f"the manifest {manifest_uri}", fix="")
+    except official.LabelMapError as err:
+        raise InferenceError(str(err)) from None
+    if order is None:
+        return "official"
+    model.state_dict, model.labels = official.reorder_head(model.state_dict, order), list(labels)
+    moved = sum(1 for j, i in enumerate(order) if i != j)
+    print(f"{model.model_uri}: the manifest lists the {official.DATASETS[model.official].title} classes in another "
+          f"order: the checkpoint's head was reordered to match ({moved} of {len(order)} classes moved)",
+          file=sys.stderr, flush=True)
+    return "reordered"
 
 
 def eval_data_config(cfg: Config, preprocess: dict[str, Any], views: tuple[int, int] | None = None) -> DataConfig:
@@ -257,6 +346,7 @@ def predict_manifest(cfg: Config, model_uri: str, manifest_uri: str, output_uri:
     t0 = time.perf_counter()
     manifest = read_manifest(manifest_uri, storage=cfg.storage)
     model = load_model(cfg, model_uri)
+    align_to_manifest(cfg, model, manifest_uri, manifest)
     data = eval_data_config(cfg, model.preprocess)
     table = run_inference(cfg, model, manifest, split=split, data=data, top_k=top_k)
     storage.write_bytes(output_uri, to_parquet_bytes(table), storage=cfg.storage)

@@ -6,6 +6,7 @@
 from __future__ import annotations
 
 import dataclasses
+import sys
 import time
 
 import pyarrow as pa
@@ -28,15 +29,40 @@ def with_absolute_inputs(cfg: Config) -> Config:
                                model=dataclasses.replace(cfg.model, init_from=absolute(cfg.model.init_from)))
 
 
+def with_dataset_classes(cfg: Config) -> Config:
+    """`cfg` with `model.num_classes` 0 replaced by the number of classes the data's labels.json names (else
+    one more than the manifest's largest label)."""
+    if cfg.model.num_classes or not cfg.data.manifest:
+        return cfg
+    from pipeline.tracking.datasets import manifest_labels
+
+    labels = manifest_labels(cfg.data.manifest, cfg.storage)
+    count = len(labels) if labels is not None else max(
+        [-1, *read_manifest(cfg.data.manifest, storage=cfg.storage).column("label").to_pylist()]) + 1
+    if count < 2:
+        raise ConfigError(f"data.manifest {cfg.data.manifest} names {count} class(es); a classifier needs 2 or more")
+    print(f"train: model.num_classes={count}, from the data's labels", file=sys.stderr, flush=True)
+    return dataclasses.replace(cfg, model=dataclasses.replace(cfg.model, num_classes=count))
+
+
 def checked_manifest(cfg: Config) -> pa.Table:
-    """The prepared manifest, checked to hold a training batch; fails before any Ray work."""
+    """The prepared manifest, checked to hold a training batch, and `model.init_from` checked against its
+    labels (pipeline.training.pretrained); fails before any Ray work."""
     if not cfg.data.manifest:
         raise ConfigError("data.manifest is not set: pass data.manifest=URI of a prepared dataset")
+    if not cfg.model.num_classes:
+        raise ConfigError("model.num_classes=0 (from the data) is not resolved yet: pass the config through "
+                          "with_dataset_classes, or set model.num_classes")
     manifest = read_manifest(cfg.data.manifest, storage=cfg.storage)
     num_train = usable_rows(manifest, cfg.data.train_split).num_rows
     if num_train < cfg.train.batch_size:
         raise ConfigError(f"data.manifest has {num_train} usable {cfg.data.train_split!r} videos, fewer than "
                           f"train.batch_size={cfg.train.batch_size}")
+    if cfg.model.init_from:
+        from pipeline.training.pretrained import check_init
+
+        plan = check_init(cfg, dataset_labels(cfg, manifest))
+        print(f"train: init from {cfg.model.init_from}: {plan.describe()}", file=sys.stderr, flush=True)
     return manifest
 
 
@@ -86,7 +112,7 @@ def run_training(cfg: Config, *, new_run: bool = False) -> dict:
     """
     from pipeline.cluster.connect import init_ray
 
-    cfg = with_absolute_inputs(with_resolved_tracking(cfg))  # workers must read and log as the driver
+    cfg = with_dataset_classes(with_absolute_inputs(with_resolved_tracking(cfg)))  # workers read and log as the driver
     manifest = checked_manifest(cfg)
     run_id = find_or_create_run(cfg, manifest=manifest, new_run=new_run)
     init_ray()

@@ -28,7 +28,7 @@ import torch
 import torch.distributed as dist
 import torch.nn.functional as F
 
-from model import create_uniformer, load_pretrained
+from model import create_uniformer
 from pipeline.config import (Config, ConfigError, changed_keys, checkpoint_order, config_from_dict, identity_digest,
                              training_identity)
 from pipeline.data.clips import clip_shape
@@ -39,6 +39,7 @@ from pipeline.tracking.runs import client_for
 from pipeline.training import recipe
 from pipeline.training.ingest import (PROGRESS_FILE, TRAIN, VAL, StepBatches, TrainBatch, clips_on_device,
                                       steps_per_epoch, usable_rows, worker_share)
+from pipeline.training.pretrained import load_initial_weights
 
 CHECKPOINT_FILE = "checkpoint.pt"
 # Ray Train routes workers' logging to the driver; its patched print() would show each line twice.
@@ -221,7 +222,7 @@ def build_training_state(cfg: Config, device: torch.device, place: Callable[[tor
     if cfg.model.grad_checkpointing:
         net.set_grad_checkpointing(True)
     if cfg.model.init_from and checkpoint_state is None:
-        log.info(f"init from {cfg.model.init_from}: {load_pretrained(net, cfg.model.init_from)}")
+        log.info(f"init from {cfg.model.init_from}: {load_initial_weights(net, cfg)}")
     model = place(net)
     net = model.module if isinstance(model, torch.nn.parallel.DistributedDataParallel) else model
     if cfg.train.grad_compression == "bf16" and model is not net:

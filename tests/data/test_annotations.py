@@ -172,5 +172,28 @@ def test_split_from_name(name, split):
 
 
 def test_unknown_format():
-    with pytest.raises(AnnotationError, match="format 'xml' is not one of auto, kinetics, ssv2, list"):
+    with pytest.raises(AnnotationError, match="format 'xml' is not one of auto, kinetics, ssv1, ssv2, list"):
         parse_annotations("", format="xml", source="a.xml")
+
+
+def test_ssv1_csv_rows_and_the_official_list(tmp_path):
+    from pipeline.data.official import class_list
+
+    names = class_list("ssv1")
+    (tmp_path / "something-something-v1-validation.csv").write_text(
+        f"100218;{names[5]}\n\n48032;{names[0]}\n;{names[1]}\n9;a;b\n77;\n")
+    (tmp_path / "something-something-v1-test.csv").write_text("1420\n")
+    ann = load_annotations([str(tmp_path / "something-something-v1-validation.csv"),
+                            str(tmp_path / "something-something-v1-test.csv")], labels_uri="ssv1")
+    assert ann.labels == names  # `--labels ssv1`: the official checkpoints' 174 classes and indices
+    rows = [(r.path, r.label, r.split, r.error) for r in ann.rows]
+    assert rows[:2] == [("100218", 5, "val", ""), ("48032", 0, "val", "")]
+    assert rows[2][3] == "bad id '' (expected 'id;label name')"
+    assert rows[3][3] == "3 fields separated by ';', expected 'id;label name'"
+    assert rows[4][3] == "missing label"
+    assert rows[5] == ("1420", -1, "test", "")  # the test file names no labels
+    assert ann.rows[0].where.endswith("something-something-v1-validation.csv:1")
+    # A Kinetics CSV keeps its format under the same suffix.
+    (tmp_path / "train.csv").write_text(KINETICS)
+    assert parse_annotations(KINETICS, format="auto", source="train.csv")[0].path == "--0edUL8zmA_000000_000010.mp4"
+    assert load_annotations(str(tmp_path / "train.csv"), labels_uri="k400").labels == class_list("k400")

@@ -20,6 +20,8 @@ K400 = dict(OFFICIAL, sampling="dense", sampling_rate=4, hflip=True, test_clips=
             lr_per_32_videos=1e-4, epochs=110, warmup_epochs=10)
 SSV2 = dict(OFFICIAL, sampling="uniform", hflip=False, test_clips=1, test_crops=3, num_classes=174,
             lr_per_32_videos=2e-4, epochs=50, warmup_epochs=5)
+K600 = dict(K400, num_classes=600)
+SSV1 = dict(SSV2, epochs=60)
 # batch_size counts clips: the official TRAIN.BATCH_SIZE videos x AUG.NUM_SAMPLE 2.
 RECIPES = {
     "k400_uniformer_s16x4.yaml": dict(K400, variant="uniformer_s", num_frames=16, drop_path_rate=0.1, batch_size=64),
@@ -27,11 +29,24 @@ RECIPES = {
     "k400_uniformer_b32x4.yaml": dict(K400, variant="uniformer_b", num_frames=32, drop_path_rate=0.3, batch_size=64),
     "ssv2_uniformer_s16.yaml": dict(SSV2, variant="uniformer_s", num_frames=16, drop_path_rate=0.3, batch_size=64),
     "ssv2_uniformer_b16.yaml": dict(SSV2, variant="uniformer_b", num_frames=16, drop_path_rate=0.4, batch_size=80),
+    "k600_uniformer_b16x4.yaml": dict(K600, variant="uniformer_b", num_frames=16, drop_path_rate=0.3, batch_size=80),
+    # The released run: 4 nodes x 8 GPUs, TRAIN.BATCH_SIZE 32 videos per node.
+    "k600_uniformer_b32x4.yaml": dict(K600, variant="uniformer_b", num_frames=32, drop_path_rate=0.3, batch_size=256,
+                                      num_workers=32, grad_checkpointing=True),
+    "ssv1_uniformer_s16.yaml": dict(SSV1, variant="uniformer_s", num_frames=16, drop_path_rate=0.2, batch_size=64),
+    "ssv1_uniformer_b16.yaml": dict(SSV1, variant="uniformer_b", num_frames=16, drop_path_rate=0.6, batch_size=80),
+    "ssv1_uniformer_b32.yaml": dict(SSV1, variant="uniformer_b", num_frames=32, drop_path_rate=0.6, batch_size=64,
+                                    grad_checkpointing=True),
+    "ssv2_uniformer_b32.yaml": dict(SSV2, variant="uniformer_b", num_frames=32, drop_path_rate=0.5, batch_size=64,
+                                    grad_checkpointing=True),
 }
 # The official runs' learning rate at their batch, as their run.sh writes SOLVER.BASE_LR.
 OFFICIAL_LR = {"k400_uniformer_s16x4.yaml": "1e-4", "k400_uniformer_b16x4.yaml": "1.25e-4",
                "k400_uniformer_b32x4.yaml": "1e-4", "ssv2_uniformer_s16.yaml": "2e-4",
-               "ssv2_uniformer_b16.yaml": "2.5e-4"}
+               "ssv2_uniformer_b16.yaml": "2.5e-4", "k600_uniformer_b16x4.yaml": "1.25e-4",
+               "k600_uniformer_b32x4.yaml": "4e-4",  # BASE_LR 1e-4 x 4 nodes (BASE_LR_SCALE_NUM_SHARDS)
+               "ssv1_uniformer_s16.yaml": "2e-4", "ssv1_uniformer_b16.yaml": "2.5e-4",
+               "ssv1_uniformer_b32.yaml": "2e-4", "ssv2_uniformer_b32.yaml": "2e-4"}
 # The published recipes refuse to start without pretrained weights (model.require_init).
 INIT = ["model.init_from=s3://BUCKET/checkpoints/pretrained.pth"]
 # What each recipe starts from, as the official configs' UNIFORMER.PRETRAIN_NAME says.
@@ -39,7 +54,18 @@ PRETRAINED = {"k400_uniformer_s16x4.yaml": "uniformer_small_in1k",
               "k400_uniformer_b16x4.yaml": "uniformer_base_in1k",
               "k400_uniformer_b32x4.yaml": "uniformer_base_in1k",
               "ssv2_uniformer_s16.yaml": "uniformer_small_k400_16x4",
-              "ssv2_uniformer_b16.yaml": "uniformer_base_k400_16x4"}
+              "ssv2_uniformer_b16.yaml": "uniformer_base_k400_16x4",
+              "k600_uniformer_b16x4.yaml": "uniformer_base_in1k",
+              "k600_uniformer_b32x4.yaml": "uniformer_base_in1k",
+              "ssv1_uniformer_s16.yaml": "uniformer_small_k400_16x4",
+              "ssv1_uniformer_b16.yaml": "uniformer_base_k400_16x4",
+              "ssv1_uniformer_b32.yaml": "uniformer_base_k400_16x4",
+              "ssv2_uniformer_b32.yaml": "uniformer_base_k600_16x4"}
+# The top-1 the official README reports for each run (video_classification/README.md, Model Zoo).
+PUBLISHED = {"k400_uniformer_s16x4.yaml": 80.8, "k400_uniformer_b16x4.yaml": 82.0, "k400_uniformer_b32x4.yaml": 82.9,
+             "k600_uniformer_b16x4.yaml": 84.0, "k600_uniformer_b32x4.yaml": 84.5, "ssv1_uniformer_s16.yaml": 57.2,
+             "ssv1_uniformer_b16.yaml": 59.1, "ssv1_uniformer_b32.yaml": 60.9, "ssv2_uniformer_s16.yaml": 67.7,
+             "ssv2_uniformer_b16.yaml": 70.4, "ssv2_uniformer_b32.yaml": 71.2}
 
 
 def flat(cfg) -> dict:
@@ -93,6 +119,24 @@ def test_recipe_learning_rate_is_the_official_one(name):
 def test_recipe_is_in_the_comparison_table(name):
     table = (CONFIGS / "README.md").read_text()
     assert f"`{name}`" in table and "not implemented" not in (CONFIGS / name).read_text().lower()
+    row = next(line for line in table.splitlines() if line.startswith(f"| `{name}` |"))
+    assert f"`{PRETRAINED[name]}`" in row and f"| {PUBLISHED[name]} (" in row
+
+
+@pytest.mark.parametrize("name", sorted(RECIPES))
+def test_recipe_header_names_the_published_figure_and_the_start(name):
+    from pipeline.data.official import parse_checkpoint_name, published_top1
+
+    lines = (CONFIGS / name).read_text().splitlines()
+    assert f"{PUBLISHED[name]} top-1" in " ".join(lines[:2])
+    header = " ".join(line for line in lines if line.startswith("#"))
+    start = {"in1k": "ImageNet-1k", "k400": "official K400", "k600": "official K600"}[PRETRAINED[name].split("_")[2]]
+    assert f"starting from the {start}" in header
+    cfg = load_config(CONFIGS / name, INIT)
+    dataset = name.split("_")[0]
+    pretrained = parse_checkpoint_name(PRETRAINED[name] + ".pth").dataset
+    assert published_top1(dataset, cfg.model.variant, cfg.data.num_frames, sampling_rate=cfg.data.sampling_rate,
+                          pretrained=pretrained) == PUBLISHED[name]
 
 
 @pytest.mark.parametrize("name", sorted(RECIPES))
@@ -123,5 +167,29 @@ def test_header_prepare_command_is_valid(name):
 
     args = build_parser().parse_args(header_command(CONFIGS / name, "prepare"))
     assert args.output.startswith("s3://")
-    if name.startswith("k400"):  # prepared copies keep every 4th frame: the recipe's sampling stride
+    if name.startswith(("k400", "k600")):  # prepared copies keep every 4th frame: the recipe's sampling stride
         assert args.frame_stride == load_config(CONFIGS / name, INIT).data.sampling_rate == 4
+    if name.startswith(("k400", "k600", "ssv1")):  # the official checkpoints' class indices
+        assert args.labels == name[:4]
+    if name.startswith("ssv1"):  # JPEG frames at the dataset's 12 fps
+        assert args.frames_fps == 12
+
+
+def test_the_finetune_recipe_starts_from_k400_with_a_new_head_for_the_datas_classes():
+    """Settings of the official HMDB51/UCF101 fine-tunes from K400 (exp/uniformer_s16x4_hmdb51_prek400)."""
+    name = "finetune_uniformer_s16x4.yaml"
+    got = flat(load_config(CONFIGS / name, INIT))
+    expected = dict(variant="uniformer_s", num_classes=0, new_head=True, require_init=True, drop_path_rate=0.2,
+                    rand_augment="rand-m5-n2-mstd0.25", lr_per_32_videos=1.25e-5, epochs=25, warmup_epochs=5,
+                    test_clips=5, test_crops=3, val_every_epochs=1, checkpoint_metric="val_top1", sampling="dense",
+                    num_frames=16, sampling_rate=4, repeated_aug=2, use_gpu=True)
+    assert {k: got[k] for k in expected} == expected
+    cfg = load_config(CONFIGS / name, INIT)
+    assert cfg.base_lr() * 128 / (cfg.train.batch_size // cfg.data.repeated_aug) == pytest.approx(5e-5)  # official
+    args = header_command(CONFIGS / name, "train")
+    assert load_config(ROOT / args[1], args[2:]).model.init_from == "s3://BUCKET/checkpoints/uniformer_small_k400_16x4.pth"
+    from jobs.prepare import build_parser
+
+    prepare = build_parser().parse_args(header_command(CONFIGS / name, "prepare"))
+    assert prepare.annotations is None and prepare.frame_stride == cfg.data.sampling_rate  # class folders
+    assert f"`{name}`" in (CONFIGS / "README.md").read_text()
