@@ -17,10 +17,9 @@ ROOT = Path(__file__).resolve().parents[1]
 DOCS = [ROOT / "README.md", ROOT / "docs" / "benchmarks.md", ROOT / "infra" / "README.md",
         ROOT / "infra" / "configs" / "README.md", ROOT / "infra" / "local" / "README.md"]
 CITED = re.compile(r"""(?<!its )(DESIGN|README)(?:\.md)?,? (?:section )?["']([^"']+)["']""")
-# Jobs that other branches add (issue 25: prepare --videos DIR without annotations; issue 26: sweep,
-# export): their documented commands are skipped until the job exists here.
+# Jobs that another branch adds (issue 26: sweep, export): their documented commands are skipped until
+# the job exists here.
 PENDING = {("sweep", None), ("export", None)}
-PENDING_FILES = {"infra/configs/finetune_uniformer_s16x4.yaml"}  # issue 25
 
 
 def _headings(path: Path) -> set[str]:
@@ -101,8 +100,6 @@ def _parse(argv: list[str], monkeypatch) -> None:
 def test_documented_commands_parse(doc, command, monkeypatch):
     argv = shlex.split(command.replace("$(", "").replace("$", ""))[1:]
     job = argv[1] if argv[0] == "submit" else argv[0]
-    if (job, None) in PENDING or (job == "prepare" and "--annotations" not in argv):
-        pytest.skip(f"{job} (class-per-folder prepare, sweep, export) comes with another branch")
-    if any(arg in PENDING_FILES and not (ROOT / arg).exists() for arg in argv):
-        pytest.skip("its config comes with another branch")
+    if (job, None) in PENDING:
+        pytest.skip(f"{job} (sweep, export) comes with another branch")
     _parse(argv, monkeypatch)

@@ -18,7 +18,7 @@ order (the head's rows are then reordered to match, `reorder_head`), or an error
 index where they differ.
 
 The test protocol (`official_preprocess`) and published top-1 (`published_top1`) are those of the official
-README (github.com/Sense-X/UniFormer, video_classification/README.md, "Model Zoo" and "Testing"):
+README (github.com/Sense-X/UniFormer, video_classification/README.md, its Model Zoo and Testing sections):
 Kinetics 4 clips x 1 crop, Something-Something 1 clip x 3 crops, short side 224, 224 crops.
 """
 
