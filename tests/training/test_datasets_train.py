@@ -5,6 +5,7 @@ two steps; what is checked is the path, not the accuracy."""
 
 import json
 import os
+import shlex
 import subprocess
 import sys
 from pathlib import Path
@@ -76,28 +77,41 @@ def test_ssv1_frame_folders_prepare_train_and_evaluate(tmp_path, cluster):
     assert result["eval_videos"] == 2 and result["eval_unusable"] == 0 and result["test_clips"] == 2
 
 
-def test_the_fine_tuning_walk_on_class_folders(tmp_path, cluster):
+def readme_walk() -> list[list[str]]:
+    """The commands of the README's "Your own videos to a promoted model" block, as argument lists."""
+    text = (ROOT / "README.md").read_text().split("## Your own videos to a promoted model", 1)[1]
+    block = text.split("```bash\n", 1)[1].split("```", 1)[0].replace("\\\n", " ")
+    return [shlex.split(line.split("#", 1)[0]) for line in block.splitlines() if line.strip()]
+
+
+def test_the_fine_tuning_walk_on_class_folders_runs_as_the_readme_writes_it(tmp_path, cluster):
     """README, "Your own videos": a folder per class -> prepare -> fine-tune the K400 checkpoint (its head
-    replaced) -> evaluate -> register -> promote -> predict, each a command as written there."""
-    videos = class_folders(tmp_path / "my-videos", videos_per_class=4)
-    torch.save(create_uniformer("uniformer_xs", num_classes=400).state_dict(), tmp_path / "uniformer_xs_k400_8x4.pth")
-    prepared_summary, _ = job(tmp_path, cluster, "prepare", "--videos", str(videos), "--output",
-                              str(tmp_path / "my-prepared"), "--short-side", "0", "--executor", "inline")
-    assert prepared_summary["splits_from"] == "drawn" and prepared_summary["ok"] == {"train": 9, "val": 3}
-
-    trained, log = job(tmp_path, cluster, "train", "--config", str(CONFIGS / "finetune_uniformer_s16x4.yaml"),
-                       f"data.manifest={tmp_path / 'my-prepared'}", f"train.storage_path={tmp_path / 'ray_results'}",
-                       f"model.init_from={tmp_path / 'uniformer_xs_k400_8x4.pth'}", *TINY)
-    assert "train: model.num_classes=3, from the data's labels" in log
-    assert "new head for the data's classes (k400" in log.replace("Kinetics-400", "k400")
-    assert logged_labels(tmp_path, trained["model_uri"]) == sorted(CLASSES)
-
-    evaluated, _ = job(tmp_path, cluster, "evaluate", "--model", trained["model_uri"], "--manifest",
-                       str(tmp_path / "my-prepared"))
-    assert evaluated["eval_videos"] == 3
-    registered, _ = job(tmp_path, cluster, "register", "--run", trained["run_id"], "--name", "my-classifier")
-    decision, _ = job(tmp_path, cluster, "promote", "--name", "my-classifier")
-    assert registered["version"] == 1 and decision["decision"] == "promoted"
-    predicted, _ = job(tmp_path, cluster, "predict", "--model", "models:/my-classifier@champion",
-                       str(videos / "left" / "left_0.mp4"))
-    assert [p["label"] for p in predicted["top_k"]] and {p["label"] for p in predicted["top_k"]} <= set(CLASSES)
+    replaced) -> evaluate -> register -> promote -> predict: the README's commands, with its placeholders
+    filled in and, for train, the CPU-sized overrides of TINY."""
+    videos = class_folders(tmp_path / "my-videos", videos_per_class=4, num_frames=32)  # 8 frames at stride 4
+    checkpoint = tmp_path / "uniformer_xs_k400_8x4.pth"
+    torch.save(create_uniformer("uniformer_xs", num_classes=400).state_dict(), checkpoint)
+    walk = readme_walk()
+    assert [argv[:2] for argv in walk] == [["uniformer", job] for job in
+                                           ("prepare", "train", "evaluate", "register", "promote", "predict")]
+    places = {"DIR": str(videos), "work/mine": str(tmp_path / "my-prepared"),
+              "checkpoints/uniformer_small_k400_16x4.pth": str(checkpoint),
+              "DIR/some_class/some_video.mp4": str(videos / "left" / "left_0.mp4")}
+    outputs: dict[str, dict] = {}
+    for argv in walk:
+        name, args = argv[1], [places.get(arg, arg) for arg in argv[2:]]
+        args = [arg.replace("model.init_from=checkpoints/uniformer_small_k400_16x4.pth", f"model.init_from={checkpoint}")
+                .replace("data.manifest=work/mine", f"data.manifest={tmp_path / 'my-prepared'}")
+                .replace("RUN_ID", outputs.get("train", {}).get("run_id", "RUN_ID")) for arg in args]
+        if name == "train":
+            args += [f"train.storage_path={tmp_path / 'ray_results'}", *TINY]
+        outputs[name], log = job(tmp_path, cluster, name, *args)
+        if name == "train":
+            assert "train: model.num_classes=3, from the data's labels" in log
+            assert "new head for the data's classes (k400" in log.replace("Kinetics-400", "k400")
+    assert outputs["prepare"]["splits_from"] == "drawn" and outputs["prepare"]["ok"] == {"train": 9, "val": 3}
+    assert logged_labels(tmp_path, outputs["train"]["model_uri"]) == sorted(CLASSES)
+    assert outputs["evaluate"]["eval_videos"] == 3
+    assert outputs["register"]["version"] == 1 and outputs["promote"]["decision"] == "promoted"
+    labels = [p["label"] for p in outputs["predict"]["top_k"]]
+    assert labels and set(labels) <= set(CLASSES)
