@@ -58,6 +58,11 @@ def checked_manifest(cfg: Config) -> pa.Table:
     if num_train < cfg.train.batch_size:
         raise ConfigError(f"data.manifest has {num_train} usable {cfg.data.train_split!r} videos, fewer than "
                           f"train.batch_size={cfg.train.batch_size}")
+    if usable_rows(manifest, cfg.data.val_split).num_rows == 0:
+        # Training works without one, but nothing validates it and a later `promote` has nothing to judge.
+        print(f"train: data.manifest has no usable {cfg.data.val_split!r} videos (data.val_split): the run reports "
+              f"no validation metrics, and `promote` needs a validation or --eval-split split", file=sys.stderr,
+              flush=True)
     if cfg.model.init_from:
         from pipeline.training.pretrained import check_init
 

@@ -166,3 +166,20 @@ def test_step_batches_cut_the_shard_to_each_steps_share_and_pad_one_row_at_most(
     with pytest.raises(RuntimeError, match="ended 2 rows short"):
         shorter.take(6)
     assert torch.equal(StepBatches(host_batches([7, 8], 2)).take(2)["label"], torch.tensor([7, 8]))
+
+
+def test_a_training_without_validation_videos_says_so_before_it_starts(tmp_path, manifest, capsys):
+    import pyarrow.compute as pc
+
+    from pipeline.config import load_config
+    from pipeline.data.manifest import write_manifest
+    from pipeline.training.driver import checked_manifest
+
+    write_manifest(manifest.filter(pc.equal(manifest["split"], "train")), str(tmp_path / "train-only"))
+    cfg = load_config(None, [f"data.manifest={tmp_path / 'train-only'}", "model.num_classes=3", "train.batch_size=2",
+                             "train.num_workers=1", "optim.mixup_alpha=0", "optim.cutmix_alpha=0"])
+    checked_manifest(cfg)
+    assert "no usable 'val' videos" in capsys.readouterr().err
+    write_manifest(manifest, str(tmp_path / "with-val"))
+    checked_manifest(dataclasses.replace(cfg, data=dataclasses.replace(cfg.data, manifest=str(tmp_path / "with-val"))))
+    assert "no usable" not in capsys.readouterr().err
