@@ -17,9 +17,6 @@ ROOT = Path(__file__).resolve().parents[1]
 DOCS = [ROOT / "README.md", ROOT / "docs" / "benchmarks.md", ROOT / "infra" / "README.md",
         ROOT / "infra" / "configs" / "README.md", ROOT / "infra" / "local" / "README.md"]
 CITED = re.compile(r"""(?<!its )(DESIGN|README)(?:\.md)?,? (?:section )?["']([^"']+)["']""")
-# Jobs that another branch adds (issue 26: sweep, export): their documented commands are skipped until
-# the job exists here.
-PENDING = {("sweep", None), ("export", None)}
 
 
 def _headings(path: Path) -> set[str]:
@@ -99,7 +96,4 @@ def _parse(argv: list[str], monkeypatch) -> None:
 @pytest.mark.parametrize("doc,command", _commands())
 def test_documented_commands_parse(doc, command, monkeypatch):
     argv = shlex.split(command.replace("$(", "").replace("$", ""))[1:]
-    job = argv[1] if argv[0] == "submit" else argv[0]
-    if (job, None) in PENDING:
-        pytest.skip(f"{job} (sweep, export) comes with another branch")
     _parse(argv, monkeypatch)
