@@ -107,7 +107,7 @@ class Target:
 def _model_args(variant: str, mode: str, batch: int) -> argparse.Namespace:
     return argparse.Namespace(variant=variant, frames=16, size=224, batch=batch, mode=mode, precision="bf16",
                               num_classes=400, compile=False, fold_bn=mode == "infer", reference=False,
-                              compare=True, steps=10, warmup=3, device="cuda", seed=0)
+                              compare=True, onnx=False, steps=10, warmup=3, device="cuda", seed=0)
 
 
 def _model_targets(label: str, mode: str, official: float, times: float, note: str = "") -> list[Target]:

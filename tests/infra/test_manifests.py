@@ -623,7 +623,7 @@ def test_promote_rayjob_registers_evaluates_and_promotes_the_training(monkeypatc
     monkeypatch.setattr("pipeline.tracking.registry.register",
                         lambda cfg, run, name: seen.setdefault("register", (run, name)) and {})
     monkeypatch.setattr("pipeline.tracking.evaluate.evaluate",
-                        lambda cfg, model, manifest, split, log: seen.setdefault("evaluate", (model, manifest, split))
+                        lambda cfg, model, manifest, split, log, **kw: seen.setdefault("evaluate", (model, manifest, split))
                         and {})
     monkeypatch.setattr("pipeline.tracking.registry.promote",
                         lambda cfg, name, **kw: seen.setdefault("promote", name) and {"decision": "promoted"})
