@@ -3,7 +3,8 @@
 import importlib
 import sys
 
-JOBS = ("synth", "prepare", "train", "evaluate", "register", "promote", "predict", "demo", "bench", "submit")
+JOBS = ("synth", "prepare", "train", "sweep", "evaluate", "register", "promote", "predict", "export", "demo", "bench",
+        "submit")
 
 
 def main(argv: list[str] | None = None) -> None:
