@@ -3,6 +3,7 @@
     uniformer bench model --variant S --frames 16 --batch 16 --size 224 --mode train --precision bf16 --compare
     uniformer bench model --variant xs --frames 4 --size 64 --batch 2 --steps 3   # CPU smoke run
     uniformer bench model --variant xs --frames 8 --size 64 --batch 8 --mode infer --fold-bn --compare
+    uniformer bench model --variant s --batch 1 --mode infer --precision fp32 --device cpu --onnx   # ORT vs PyTorch
     uniformer bench dwconv --shape 16,64,8,56,56 --kernel 5 --precision bf16   # one conv, GPU
 
 `model` times a training step (forward, backward, AdamW: fused on CUDA) or an inference step
@@ -23,6 +24,11 @@ Two formulations of the same weights:
 `--compare` runs both in one invocation, one after the other (each built, run and freed on its
 own, so peak memory is per model), checks their logits on one clip and reports the speed-up.
 With `--compare --compile` only the optimised model is compiled (the reference stays eager).
+
+`--onnx` (infer mode, fp32, CPU) times the network in ONNX Runtime beside PyTorch on the same clips:
+the BatchNorm-folded model eager in PyTorch, and its export (`pipeline.tracking.onnx_export`, as
+`uniformer export` writes it) in an ONNX Runtime CPU session with as many intra-op threads as
+PyTorch uses; it also reports their largest logit difference and the speed-up.
 
 `dwconv` times one depthwise convolution forward and forward + backward: PyTorch's kernel
 (NCDHW and channels-last-3d) against the Triton op (NCDHW input, which pays a layout copy, and
@@ -103,6 +109,8 @@ def add_model_parser(subparsers: argparse._SubParsersAction) -> argparse.Argumen
     group = p.add_mutually_exclusive_group()
     group.add_argument("--reference", action="store_true", help="run only the plain reference formulation")
     group.add_argument("--compare", action="store_true", help="run reference and optimised, report the speed-up")
+    group.add_argument("--onnx", action="store_true",
+                       help="infer mode on CPU: the folded model in PyTorch and exported to ONNX Runtime, side by side")
     p.add_argument("--steps", type=int_at_least(1), default=20, help="timed steps (default 20)")
     p.add_argument("--warmup", type=int_at_least(0), default=5, help="untimed steps first (default 5)")
     p.add_argument("--device", default="auto", help="auto (cuda if available), cpu, cuda, cuda:N")
@@ -161,6 +169,9 @@ def _check_model_args(args: argparse.Namespace) -> None:
         raise ValueError("--fold-bn needs --mode infer: folded BatchNorms hold only for inference")
     if args.fold_bn and args.reference:
         raise ValueError("--fold-bn applies to the optimised model; use it with --compare or alone, not --reference")
+    if args.onnx and (args.mode != "infer" or args.precision != "fp32" or args.compile):
+        raise ValueError("--onnx times inference in fp32 against ONNX Runtime's fp32 graph: use --mode infer "
+                         "--precision fp32, without --compile")
 
 
 def build_model(args: argparse.Namespace, *, reference: bool, device: torch.device,
@@ -287,6 +298,10 @@ def run_model_bench(args: argparse.Namespace, progress: Optional[Callable[[str],
     progress = progress or (lambda message: None)
     _check_model_args(args)
     device = resolve_device(args.device)
+    if args.onnx and device.type != "cpu":
+        raise ValueError(f"--onnx compares CPU inference (ONNX Runtime's CPU provider); use --device cpu, not {device}")
+    if args.onnx:
+        args.fold_bn = True  # the exported graph is the folded model: time PyTorch on the same
     torch.manual_seed(args.seed)
     # The weights both formulations share, made once on the CPU.
     state = create_uniformer(VARIANTS[args.variant], num_classes=args.num_classes).state_dict()
@@ -326,6 +341,8 @@ def run_model_bench(args: argparse.Namespace, progress: Optional[Callable[[str],
         "mfu_note": ("model MACs x 2 (x 3 for train) per second over the device's dense peak for the "
                      "precision" + ("" if peak else "; null: CPU or a GPU missing from PEAK_TFLOPS")),
     }
+    if args.onnx:
+        return {**summary, **_onnx_side_by_side(args, state, results["optimised"], check_clip, progress)}
     if not args.compare:
         return {**summary, **results[runs[0]]}
     ref, opt = logits["reference"], logits["optimised"]
@@ -341,6 +358,43 @@ def run_model_bench(args: argparse.Namespace, progress: Optional[Callable[[str],
         "max_abs_logit_diff": diff,
         "logits_close": diff <= tol,
     }
+
+
+def _onnx_side_by_side(args: argparse.Namespace, state: dict, pytorch: dict[str, Any], check_clip: torch.Tensor,
+                       progress: Callable[[str], None]) -> dict[str, Any]:
+    """The folded model exported to ONNX and timed in ONNX Runtime on the clips PyTorch was timed on."""
+    import tempfile
+
+    import numpy as np
+    import onnxruntime
+
+    from pipeline.tracking.onnx_export import INPUT, OUTPUT, compare_logits, export_network, ort_session
+
+    net = build_model(args, reference=False, device=torch.device("cpu"), state_dict=state)
+    with tempfile.TemporaryDirectory() as tmp:
+        progress("onnxruntime: exporting the folded model")
+        t0 = time.perf_counter()
+        path = export_network(net, (3, args.frames, args.size, args.size), f"{tmp}/model.onnx")
+        export_s = time.perf_counter() - t0
+        session = ort_session(path)
+        clip = torch.randn(args.batch, 3, args.frames, args.size, args.size,
+                           generator=torch.Generator().manual_seed(args.seed + 1)).numpy()
+
+        def step() -> None:
+            session.run([OUTPUT], {INPUT: clip})
+
+        median_ms = _time_cuda_ms(step, args.steps, args.warmup, torch.device("cpu"))
+        with torch.no_grad():
+            reference = net(check_clip).numpy()
+        exported = session.run([OUTPUT], {INPUT: np.ascontiguousarray(check_clip.numpy())})[0]
+    agreement = compare_logits(reference, exported)
+    progress(f"onnxruntime: median step {median_ms:.1f} ms over {args.steps} steps")
+    ort = {"impl": "onnxruntime", "provider": "CPUExecutionProvider", "version": onnxruntime.__version__,
+           "intra_op_threads": torch.get_num_threads(), "export_s": round(export_s, 1),
+           "step_ms_median": round(median_ms, 3), "clips_per_s": _sig(args.batch / (median_ms / 1e3))}
+    return {"torch_threads": torch.get_num_threads(), "pytorch": pytorch, "onnxruntime": ort,
+            "speedup_onnxruntime_vs_pytorch": _sig(ort["clips_per_s"] / pytorch["clips_per_s"]),
+            "max_abs_logit_diff": agreement["max_abs_logit_diff"], "top1_agreement": agreement["top1_agreement"]}
 
 
 # ---------------------------------------------------------------------------------------------

@@ -110,6 +110,18 @@ def test_fold_bn_in_infer_mode_folds_the_optimised_model_only():
     assert not build_model(args, reference=True, device=torch.device("cpu")).batchnorm_folded
 
 
+def test_onnx_times_onnxruntime_beside_the_folded_pytorch_model():
+    summary = run_model_bench(parse(["model", *TINY, "--mode", "infer", "--onnx"]))
+    json.dumps(summary)
+    pytorch, ort = summary["pytorch"], summary["onnxruntime"]
+    assert pytorch["impl"] == "optimised" and pytorch["batchnorm_folded"]  # the graph ONNX Runtime runs
+    assert ort["provider"] == "CPUExecutionProvider" and ort["intra_op_threads"] == summary["torch_threads"]
+    assert ort["step_ms_median"] > 0 and ort["clips_per_s"] > 0 and ort["export_s"] > 0
+    assert summary["speedup_onnxruntime_vs_pytorch"] == pytest.approx(ort["clips_per_s"] / pytorch["clips_per_s"],
+                                                                      rel=1e-3)
+    assert summary["max_abs_logit_diff"] < 1e-4 and summary["top1_agreement"] == 1.0
+
+
 def test_peak_table_and_mfu_inputs():
     assert bench_model.peak_tflops("NVIDIA H200", "bf16") == 989.4
     assert bench_model.peak_tflops("NVIDIA H100 80GB HBM3", "bf16") == 989.4
@@ -126,6 +138,8 @@ def test_peak_table_and_mfu_inputs():
     (["--fold-bn"], r"--fold-bn needs --mode infer: folded BatchNorms hold only for inference"),
     (["--fold-bn", "--mode", "infer", "--reference"], r"--fold-bn applies to the optimised model; use it with "
                                                       r"--compare or alone, not --reference"),
+    (["--onnx"], r"--onnx times inference in fp32 against ONNX Runtime's fp32 graph: use --mode infer"),
+    (["--onnx", "--mode", "infer", "--precision", "bf16"], r"--onnx times inference in fp32"),
 ])
 def test_bad_model_arguments(argv, match):
     with pytest.raises(ValueError, match=match):
