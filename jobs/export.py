@@ -36,6 +36,9 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument("--random-clips", type=int_at_least(1), default=4, help="random clips to check on (default 4)")
     parser.add_argument("--atol", type=float, default=1e-4,
                         help="largest logit difference allowed, times max(1, largest |logit|) (default 1e-4)")
+    parser.add_argument("--opset", type=int_at_least(18), default=18,
+                        help="ONNX opset (default 18, which TensorRT and older runtimes read; 23 exports attention "
+                        "as one Attention op, about 10%% faster in ONNX Runtime 1.32 on CPU for UniFormer-S)")
     parser.add_argument("--output", default="", metavar="DIR", help="also keep the files in this folder")
     parser.add_argument("--no-log", action="store_true", help="log nothing to MLflow (needs --output)")
     # `--videos a.mp4 b.mp4 tracking.tracking_uri=...`: the override ends the list of videos.
@@ -52,7 +55,7 @@ def main(argv: list[str] | None = None) -> None:
     try:
         summary = export_onnx(cfg, args.model, videos=args.videos, manifest_uri=args.manifest, split=args.split,
                               max_videos=args.max_videos, random=args.random_clips, atol=args.atol,
-                              output=args.output, log=not args.no_log, progress=progress)
+                              opset=args.opset, output=args.output, log=not args.no_log, progress=progress)
     except (ExportError, InferenceError, StorageError) as err:
         parser.exit(1, f"{parser.prog}: {err}\n")
     print(json.dumps(summary))

@@ -210,7 +210,8 @@ def _check_videos(cfg, loaded, version, videos: Sequence[str], manifest_uri: str
 
 
 def export_onnx(cfg, model_uri: str, *, videos: Sequence[str] = (), manifest_uri: str = "", split: str = "val",
-                max_videos: int = 4, random: int = 4, atol: float = 1e-4, output: str = "", log: bool = True,
+                max_videos: int = 4, random: int = 4, atol: float = 1e-4, opset: int = OPSET, output: str = "",
+                log: bool = True,
                 progress=lambda message: None) -> dict[str, Any]:
     """Export `model_uri` (see the module docstring), check it, keep it in `output` when given and log
     it in the version's (or run's) MLflow run unless `log` is false. Raises ExportError when the check
@@ -240,12 +241,12 @@ def export_onnx(cfg, model_uri: str, *, videos: Sequence[str] = (), manifest_uri
         progress(f"exporting {preprocess['variant']} at {clip_shape} (batch dynamic)")
         export_network(build_model(preprocess, loaded.state_dict, inference=True), clip_shape, path,
                        metadata={"uniformer.preprocess": json.dumps(preprocess), "uniformer.labels": json.dumps(labels),
-                                 "uniformer.source": model_uri})
+                                 "uniformer.source": model_uri}, opset=opset)
         progress("checking ONNX Runtime against PyTorch")
         decoded, skipped = decoded_clips(preprocess, check_on, storage=cfg.storage)
         result = parity(build_model(preprocess, loaded.state_dict), ort_session(path),
                         {"random": random_clips(preprocess, random), "decoded": decoded}, atol=atol)
-        result.update(checked_on=source, undecodable_videos=skipped, model_uri=model_uri, opset=OPSET,
+        result.update(checked_on=source, undecodable_videos=skipped, model_uri=model_uri, opset=opset,
                       exporter="torch.onnx.export(dynamo=True)", torch=torch.__version__,
                       onnxruntime=__import__("onnxruntime").__version__)
         (folder / "preprocess.json").write_text(json.dumps(description, indent=1) + "\n")
