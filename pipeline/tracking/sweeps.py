@@ -36,6 +36,7 @@ PARENT_TAG = "mlflow.parentRunId"  # what the MLflow UI nests child runs by
 SWEEP_TAG = "uniformer.sweep"  # parent and trials: the sweep's name
 TRIAL_TAG = "uniformer.sweep_trial"  # trials: the Ray Tune trial id
 DECISION_TAG = "sweep.decision"  # trials: completed | stopped_early | failed
+PLACEMENT_GROUP_TAG = "sweep.placement_group"  # trials: the Train run's worker placement group (hex id)
 COMPLETED, STOPPED_EARLY, FAILED = "completed", "stopped_early", "failed"
 # What may differ when a sweep starts again: what a training may change on resume, except its length
 # (ASHA's rungs were laid out for it). Everything else would make the restored search another one.
@@ -125,22 +126,22 @@ def record_completed(cfg: Config, run_id: str, state: dict) -> None:
     set_tags(client, run_id, {DECISION_TAG: COMPLETED, "sweep.last_epoch": state.get("epoch", 0)})
 
 
-def record_stopped(cfg: Config, sweep: str, trial_id: str, last_result: dict, reason: str) -> str | None:
+def record_stopped(cfg: Config, sweep: str, trial_id: str, last_result: dict, reason: str):
     """A trial the scheduler stopped: decision, reason and last epoch as tags, run KILLED. A decision the
-    trial recorded itself (it completed before a restart) is kept. Returns the run id, if any."""
+    trial recorded itself (it completed before a restart) is kept. Returns the run as it was, if any."""
     client = client_for(cfg)
     run = find_trial(client, experiment_id(client, cfg.tracking.experiment), sweep, trial_id)
     if run is None:
         _log.warning("sweep %s: trial %s was stopped before it opened its run; nothing recorded", sweep, trial_id)
         return None
     if run.data.tags.get(DECISION_TAG) in (COMPLETED, STOPPED_EARLY):
-        return run.info.run_id
+        return run
     if "step" in last_result:
         _log_missing(client, run.info.run_id, last_result, int(last_result["step"]))
     set_tags(client, run.info.run_id, {DECISION_TAG: STOPPED_EARLY, "sweep.stop_reason": reason,
                                        "sweep.last_epoch": int(last_result.get("epoch", 0))})
     client.set_terminated(run.info.run_id, "KILLED")
-    return run.info.run_id
+    return run
 
 
 _EXCEPTION_LINE = re.compile(r"[A-Za-z_][\w.]*(?:Error|Exception|Exit|Interrupt)\b.*")

@@ -17,6 +17,12 @@ How it runs (Ray 2.60, Ray Train V2; Ray's "Hyperparameter Tuning with Ray Tune"
   stops weak ones; it never stops a trial at its last epoch, which still logs its models. A stopped
   trial's actor ends, and its Train run with it; the driver's `TrialRecorder` callback records the
   decision on the trial's run. A trial that raises is recorded failed and Tune goes on with the others.
+- Ray Train removes a run's worker placement group when its controller ends, and after an ungraceful
+  end its detached `PlacementGroupCleaner` does, but only where Ray's State API answers (a cluster
+  with its dashboard). A stopped trial's controller dies with the trial's actor, so the trial records
+  its group (`trial_loop_per_worker`, rank 0, as the run's `sweep.placement_group` tag) and the
+  driver removes it a few seconds after the stop: without that, a local sweep's next trial could
+  wait forever for the CPUs the stopped one still held.
 - When every trial is decided, the best completed trial by the metric is registered as the
   challenger (`pipeline.tracking.sweeps.finish_sweep`), for `uniformer promote` as usual.
 - Stopped and started again (the same command), the sweep continues: Tune's experiment lives at
@@ -30,9 +36,11 @@ from __future__ import annotations
 import dataclasses
 import logging
 import math
+import time
 from typing import Any
 
 import ray
+import ray.train
 from ray import tune
 from ray.tune.integration.ray_train import TuneReportCallback
 from ray.tune.schedulers import AsyncHyperBandScheduler, TrialScheduler
@@ -46,6 +54,7 @@ from pipeline.training.search_space import SearchSpace, trial_values
 log = logging.getLogger(__name__)
 
 TRAININGS = "trainings"  # the trials' Ray Train runs, inside the sweep's Tune experiment folder
+RELEASE_AFTER_S = 10.0  # a stopped trial's actor and Train controller are gone well within this
 
 
 @dataclasses.dataclass(frozen=True)
@@ -126,6 +135,7 @@ class TrialRecorder(tune.Callback):
         # The same object as the Tuner's scheduler, also once restored (Tune pickles both in one file).
         self.metric, self.scheduler = metric, scheduler
         self.best_at: dict[int, float] = {}  # the best metric seen at each validated epoch, for the reason
+        self.to_release: list[tuple[float, str]] = []  # (when, placement group id) of stopped trials
 
     def get_state(self) -> dict:
         """Saved by Tune with the experiment's state: the scheduler's rungs and the best value per epoch."""
@@ -155,15 +165,51 @@ class TrialRecorder(tune.Callback):
                   f"1/{self.scheduler.reduction_factor} of the trials that reached that rung"
                   + (f" (best at epoch {epoch}: {best:.4g})" if best is not None else ""))
         try:
-            sweeps.record_stopped(self._cfg(), self.sweep, trial.trial_id, last, reason)
+            run = sweeps.record_stopped(self._cfg(), self.sweep, trial.trial_id, last, reason)
         except Exception as err:  # noqa: BLE001 - a tracking outage must not end the sweep
             log.warning("sweep %s: could not record the stop of trial %s: %s", self.sweep, trial.trial_id,
                         sweeps.error_line(err))
+            return
+        group = run.data.tags.get(sweeps.PLACEMENT_GROUP_TAG) if run is not None else None
+        if group:
+            self.to_release.append((time.monotonic() + RELEASE_AFTER_S, group))
+
+    def on_step_begin(self, iteration, trials, **info) -> None:
+        self._release(time.monotonic())
+
+    def on_experiment_end(self, trials, **info) -> None:
+        self._release(float("inf"))
+
+    def _release(self, now: float) -> None:
+        """Remove the worker placement groups of stopped trials whose time has come (see the module docstring)."""
+        from ray.util.placement_group import PlacementGroup, remove_placement_group
+
+        due = [group for when, group in self.to_release if when <= now]
+        self.to_release = [(when, group) for when, group in self.to_release if when > now]
+        for group in due:
+            try:
+                remove_placement_group(PlacementGroup(ray.PlacementGroupID(bytes.fromhex(group))))
+                log.info(f"sweep {self.sweep}: removed placement group {group} of a stopped trial")
+            except Exception as err:  # noqa: BLE001 - already removed, or the cluster is going away
+                log.debug("placement group %s not removed: %s", group, err)
 
     def on_trial_error(self, iteration, trials, trial, **info) -> None:
         error = trial.get_error()
         sweeps.record_failed_trial(self._cfg(), self.sweep, self.parent_run_id, trial.trial_id,
                                    trial_values(trial.config), error if error is not None else "the trial failed")
+
+
+def trial_loop_per_worker(loop_config: dict) -> None:
+    """`train_loop_per_worker`, after rank 0 has recorded its worker group's placement group on the trial's
+    run, for the driver to remove if the trial is stopped (see the module docstring)."""
+    from pipeline.tracking.runs import client_for, set_tags
+    from pipeline.training.loop import train_loop_per_worker
+
+    group = ray.util.get_current_placement_group()
+    if ray.train.get_context().get_world_rank() == 0 and group is not None and loop_config.get("mlflow_run_id"):
+        set_tags(client_for(config_from_dict(loop_config["config"])), loop_config["mlflow_run_id"],
+                 {sweeps.PLACEMENT_GROUP_TAG: group.id.hex()})
+    train_loop_per_worker(loop_config)
 
 
 def trial_run_name(sweep: str, trial_id: str) -> str:
@@ -197,7 +243,8 @@ def run_trial(sampled: dict, base: dict, sweep: dict) -> None:
         return
     try:
         trainer = make_trainer(cfg, run_id, manifest=manifest, ray_run_name=ray_run_name(cfg, run_id),
-                               callbacks=(ValidatedEpochs(cfg.train.val_every_epochs, cfg.optim.epochs),))
+                               callbacks=(ValidatedEpochs(cfg.train.val_every_epochs, cfg.optim.epochs),),
+                               loop=trial_loop_per_worker)
         result = trainer.fit()
         state = load_checkpoint_state(result.checkpoint)
         finish_training_run(cfg, run_id, state, dataset_labels(cfg, manifest))
@@ -307,7 +354,8 @@ def run_sweep(cfg: Config, space: SearchSpace, opts: SweepOptions) -> dict[str, 
     tuner.fit()
     common = {"sweep": name, "parent_run_id": parent_id, "tracking_uri": cfg.tracking.tracking_uri,
               "experiment_path": experiment, "resumed": resumed or restoring, "metric": opts.metric,
-              "max_concurrent": max_concurrent, "trials_budget": opts.trials,
+              # A restored sweep keeps the limit it started with (its search algorithm's state).
+              "max_concurrent": None if restoring else max_concurrent, "trials_budget": opts.trials,
               "rung_epochs": rung_epochs(cfg.optim.epochs, opts.grace_epochs, opts.reduction_factor)}
     # Trials that Tune ends when the sweep is stopped count as terminated in its results: the decisions
     # recorded on the trials' runs say whether every trial ran its course.

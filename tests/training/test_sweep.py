@@ -187,16 +187,18 @@ def two_cpu_cluster():
     cluster.shutdown()
 
 
-def confident_wrong_init(path: Path) -> Path:
-    """A checkpoint of the demo's network that predicts class 0 for everything with near certainty: its
-    validation loss is about 30 whatever a step or two of training does, so ASHA must stop it."""
+def demo_init(path: Path, *, seed: int, confident_wrong: bool = False) -> Path:
+    """A checkpoint of the demo's network, freshly initialised; `confident_wrong`: one that predicts class 0
+    for everything with near certainty, whose validation loss stays about 25 whatever a step or two of
+    training does, so that ASHA must stop it."""
     import torch
 
     from model import create_uniformer
 
-    torch.manual_seed(0)
+    torch.manual_seed(seed)
     state = create_uniformer("uniformer_xs", num_classes=6).state_dict()
-    state["head.bias"][0] = 30.0
+    if confident_wrong:
+        state["head.bias"][0] = 30.0
     torch.save(state, path)
     return path
 
@@ -218,17 +220,19 @@ def test_a_sweep_stops_weak_trials_records_failures_continues_after_a_stop_and_r
 
     from pipeline.tracking import sweeps
 
-    bad_init = confident_wrong_init(tmp_path / "confident_wrong.pt")
+    bad_init = demo_init(tmp_path / "confident_wrong.pt", seed=0, confident_wrong=True)
     missing = tmp_path / "missing.pt"
+    other_init = demo_init(tmp_path / "other_start.pt", seed=1)
     uri = f"sqlite:///{tmp_path / 'mlflow.db'}"
-    # One search dimension, a grid, so that the trials and their order are known: the plain start
-    # (completes), a start ASHA must stop at the first rung, and one whose checkpoint is missing (fails).
+    # One search dimension, a grid, so that the trials and their order are known, one at a time: the plain
+    # start (completes), a start ASHA must stop at the first rung, one whose checkpoint is missing (fails),
+    # and another plain start, which completes only if the stopped trial's workers gave their CPUs back.
     cmd = [sys.executable, "-m", "jobs.sweep", "--config", str(DEMO), f"data.manifest={sweep_set}",
            f"train.storage_path={tmp_path / 'ray_results'}", f"tracking.tracking_uri={uri}", "train.run_name=sw",
            "tracking.registered_model=sweep-demo", "optim.epochs=2", "optim.warmup_epochs=0",
            "train.max_steps_per_epoch=1", "train.val_every_epochs=1", "train.num_workers=1", "train.max_failures=0",
-           "--search", f"model.init_from=grid:,{bad_init},{missing}", "--trials", "3", "--metric", "val_loss",
-           "--reduction-factor", "2", "--max-concurrent", "1"]
+           "--search", f"model.init_from=grid:,{bad_init},{missing},{other_init}", "--trials", "4",
+           "--metric", "val_loss", "--reduction-factor", "2", "--max-concurrent", "1"]
     env = {**os.environ, "RAY_ADDRESS": two_cpu_cluster}
     client = MlflowClient(uri)
 
@@ -259,33 +263,34 @@ def test_a_sweep_stops_weak_trials_records_failures_continues_after_a_stop_and_r
     summary = json.loads(second.stdout.strip().splitlines()[-1])
     assert summary["resumed"] and not summary["interrupted"] and summary["parent_run_id"] == summary1["parent_run_id"]
     counts = (summary["trials_completed"], summary["trials_stopped_early"], summary["trials_failed"])
-    assert counts == (1, 1, 1), summary
+    assert counts == (2, 1, 1), summary
 
     parent = client.get_run(summary["parent_run_id"])
     assert parent.info.status == "FINISHED" and parent.data.tags["job"] == "sweep"
     assert parent.data.params["search.model.init_from"].startswith("grid:,")
     assert parent.data.tags["sweep.best_run_id"] == summary["best_run_id"]
-    trials = {r.data.tags[sweeps.DECISION_TAG]: r for r in decided()}
-    assert len(decided()) == 3 and set(trials) == {"completed", "stopped_early", "failed"}
-    assert all(r.data.tags["mlflow.parentRunId"] == parent.info.run_id for r in trials.values())
+    runs = {r.data.params["model.init_from"]: r for r in decided()}
+    assert len(decided()) == 4 and all(r.data.tags["mlflow.parentRunId"] == parent.info.run_id for r in runs.values())
 
-    done = trials["completed"]
-    assert done.info.run_id == summary["best_run_id"] and done.info.status == "FINISHED"
-    assert done.data.params["model.init_from"] == ""
-    assert done.info.run_id in before  # decided before the stop, and not trained again after it
-    assert {m.step for m in client.get_metric_history(done.info.run_id, "train_loss")} == {1, 2}
-    assert {m.step for m in client.get_metric_history(done.info.run_id, "val_loss")} == {1, 2}
+    first, other = runs[""], runs[str(other_init)]
+    for done in (first, other):
+        assert done.data.tags[sweeps.DECISION_TAG] == "completed" and done.info.status == "FINISHED"
+        assert {m.step for m in client.get_metric_history(done.info.run_id, "train_loss")} == {1, 2}
+    assert first.info.run_id in before  # decided before the stop, and not trained again after it
+    best = min((first, other), key=lambda r: r.data.metrics["val_loss"])
+    assert summary["best_run_id"] == best.info.run_id
 
-    stopped = trials["stopped_early"]
-    assert stopped.info.status == "KILLED" and stopped.data.params["model.init_from"] == str(bad_init)
+    stopped = runs[str(bad_init)]
+    assert stopped.info.status == "KILLED" and stopped.data.tags[sweeps.DECISION_TAG] == "stopped_early"
     assert stopped.data.tags["sweep.last_epoch"] == "1" and "ASHA stopped it after epoch 1 of 2" in \
         stopped.data.tags["sweep.stop_reason"]
     assert client.get_metric_history(stopped.info.run_id, "val_loss")[-1].value > 10  # its curve, up to the stop
 
-    failed = trials["failed"]
-    assert failed.info.status == "FAILED" and "missing.pt" in failed.data.tags["sweep.error"]
+    failed = runs[str(missing)]
+    assert failed.info.status == "FAILED" and failed.data.tags[sweeps.DECISION_TAG] == "failed"
+    assert "FileNotFoundError" in failed.data.tags["sweep.error"] and "missing.pt" in failed.data.tags["sweep.error"]
     assert "error.txt" in {a.path for a in client.list_artifacts(failed.info.run_id)}
 
     challenger = client.get_model_version_by_alias("sweep-demo", "challenger")
-    assert challenger.run_id == done.info.run_id and challenger.tags["sweep"] == "sw"
+    assert challenger.run_id == best.info.run_id and challenger.tags["sweep"] == "sw"
     assert summary["model_uri"] == "models:/sweep-demo@challenger"
