@@ -137,6 +137,10 @@ class TrialRecorder(tune.Callback):
         self.best_at: dict[int, float] = {}  # the best metric seen at each validated epoch, for the reason
         self.to_release: list[tuple[float, str]] = []  # (when, placement group id) of stopped trials
 
+    def __setstate__(self, state: dict) -> None:
+        # Restored from a sweep's tuner.pkl, which an older version of this class may have written.
+        self.__dict__.update({"best_at": {}, "to_release": [], **state})
+
     def get_state(self) -> dict:
         """Saved by Tune with the experiment's state: the scheduler's rungs and the best value per epoch."""
         return {"scheduler": self.scheduler.state(), "best_at": dict(self.best_at)}
@@ -159,9 +163,9 @@ class TrialRecorder(tune.Callback):
         epoch, epochs = int(last.get("epoch", 0)), self._cfg().optim.epochs
         if epoch >= epochs:
             return  # the trial ran every epoch and recorded that itself
-        value = last.get(self.metric)
-        best = self.best_at.get(epoch)
-        reason = (f"ASHA stopped it after epoch {epoch} of {epochs}: {self.metric} {value:.4g} was not among the best "
+        value, best = last.get(self.metric), self.best_at.get(epoch)
+        value = f"{value:.4g}" if isinstance(value, (int, float)) else "?"
+        reason = (f"ASHA stopped it after epoch {epoch} of {epochs}: {self.metric} {value} was not among the best "
                   f"1/{self.scheduler.reduction_factor} of the trials that reached that rung"
                   + (f" (best at epoch {epoch}: {best:.4g})" if best is not None else ""))
         try:
