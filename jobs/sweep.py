@@ -20,8 +20,9 @@ import re
 import sys
 
 from pipeline.config import ConfigError, int_at_least, one_value_per_flag, parse_job_args
+from pipeline.training.search_space import KINDS
 
-_SEARCH_TEXT = re.compile(r"[\w.]+=(?:loguniform|uniform|randint|choice|grid):.*", re.DOTALL)
+_SEARCH_TEXT = re.compile(rf"[\w.]+=(?:{'|'.join(KINDS)}):.*", re.DOTALL)  # KEY=KIND:ARGS
 
 
 def main(argv: list[str] | None = None) -> None:
