@@ -128,7 +128,9 @@ def record_completed(cfg: Config, run_id: str, state: dict) -> None:
 
 def record_stopped(cfg: Config, sweep: str, trial_id: str, last_result: dict, reason: str):
     """A trial the scheduler stopped: decision, reason and last epoch as tags, run KILLED. A decision the
-    trial recorded itself (it completed before a restart) is kept. Returns the run as it was, if any."""
+    trial recorded itself (it completed before a restart) is kept; a failure it recorded as its Train run
+    was torn down is overwritten (called again a little later, this settles that race). Returns the run
+    as it was, if any."""
     client = client_for(cfg)
     run = find_trial(client, experiment_id(client, cfg.tracking.experiment), sweep, trial_id)
     if run is None:
@@ -140,6 +142,8 @@ def record_stopped(cfg: Config, sweep: str, trial_id: str, last_result: dict, re
         _log_missing(client, run.info.run_id, last_result, int(last_result["step"]))
     set_tags(client, run.info.run_id, {DECISION_TAG: STOPPED_EARLY, "sweep.stop_reason": reason,
                                        "sweep.last_epoch": int(last_result.get("epoch", 0))})
+    if "sweep.error" in run.data.tags:  # the teardown's error, not the trial's (its error.txt stays)
+        client.delete_tag(run.info.run_id, "sweep.error")
     client.set_terminated(run.info.run_id, "KILLED")
     return run
 
@@ -160,9 +164,13 @@ def error_line(err: BaseException | str) -> str:
 
 def record_failed(cfg: Config, run_id: str, err: BaseException | str) -> None:
     """A trial that failed: `sweep.error` (the error's first line), `error.txt` (all of it), run FAILED.
-    Never raises: the trial's own error is what must surface."""
+    A run already decided completed or stopped is left as it is: a trial the scheduler stops loses its
+    Train controller, and `fit()` may still raise for that in the moment before its actor ends. Never
+    raises: the trial's own error is what must surface."""
     try:
         client = client_for(cfg)
+        if client.get_run(run_id).data.tags.get(DECISION_TAG) in (COMPLETED, STOPPED_EARLY):
+            return
         detail = err if isinstance(err, str) else "".join(traceback.format_exception(err))
         log_text(client, run_id, detail, "error.txt")
         set_tags(client, run_id, {DECISION_TAG: FAILED, "sweep.error": error_line(err)})

@@ -22,7 +22,8 @@ How it runs (Ray 2.60, Ray Train V2; Ray's "Hyperparameter Tuning with Ray Tune"
   with its dashboard). A stopped trial's controller dies with the trial's actor, so the trial records
   its group (`trial_loop_per_worker`, rank 0, as the run's `sweep.placement_group` tag) and the
   driver removes it a few seconds after the stop: without that, a local sweep's next trial could
-  wait forever for the CPUs the stopped one still held.
+  wait forever for the CPUs the stopped one still held. Then it also records the stop again, over
+  any failure the trial recorded while its Train run was torn down.
 - When every trial is decided, the best completed trial by the metric is registered as the
   challenger (`pipeline.tracking.sweeps.finish_sweep`), for `uniformer promote` as usual.
 - Stopped and started again (the same command), the sweep continues: Tune's experiment lives at
@@ -54,7 +55,7 @@ from pipeline.training.search_space import SearchSpace, trial_values
 log = logging.getLogger(__name__)
 
 TRAININGS = "trainings"  # the trials' Ray Train runs, inside the sweep's Tune experiment folder
-RELEASE_AFTER_S = 10.0  # a stopped trial's actor and Train controller are gone well within this
+SETTLE_AFTER_S = 10.0  # a stopped trial's actor and Train controller are gone well within this
 
 
 @dataclasses.dataclass(frozen=True)
@@ -135,11 +136,12 @@ class TrialRecorder(tune.Callback):
         # The same object as the Tuner's scheduler, also once restored (Tune pickles both in one file).
         self.metric, self.scheduler = metric, scheduler
         self.best_at: dict[int, float] = {}  # the best metric seen at each validated epoch, for the reason
-        self.to_release: list[tuple[float, str]] = []  # (when, placement group id) of stopped trials
+        # Stopped trials to settle a few seconds later: (when, trial id, last result, stop reason).
+        self.to_settle: list[tuple[float, str, dict, str]] = []
 
     def __setstate__(self, state: dict) -> None:
         # Restored from a sweep's tuner.pkl, which an older version of this class may have written.
-        self.__dict__.update({"best_at": {}, "to_release": [], **state})
+        self.__dict__.update({"best_at": {}, "to_settle": [], **state})
 
     def get_state(self) -> dict:
         """Saved by Tune with the experiment's state: the scheduler's rungs and the best value per epoch."""
@@ -168,32 +170,39 @@ class TrialRecorder(tune.Callback):
         reason = (f"ASHA stopped it after epoch {epoch} of {epochs}: {self.metric} {value} was not among the best "
                   f"1/{self.scheduler.reduction_factor} of the trials that reached that rung"
                   + (f" (best at epoch {epoch}: {best:.4g})" if best is not None else ""))
+        self._record_stop(trial.trial_id, last, reason)
+        self.to_settle.append((time.monotonic() + SETTLE_AFTER_S, trial.trial_id, last, reason))
+
+    def _record_stop(self, trial_id: str, last: dict, reason: str):
         try:
-            run = sweeps.record_stopped(self._cfg(), self.sweep, trial.trial_id, last, reason)
+            return sweeps.record_stopped(self._cfg(), self.sweep, trial_id, last, reason)
         except Exception as err:  # noqa: BLE001 - a tracking outage must not end the sweep
-            log.warning("sweep %s: could not record the stop of trial %s: %s", self.sweep, trial.trial_id,
+            log.warning("sweep %s: could not record the stop of trial %s: %s", self.sweep, trial_id,
                         sweeps.error_line(err))
-            return
-        group = run.data.tags.get(sweeps.PLACEMENT_GROUP_TAG) if run is not None else None
-        if group:
-            self.to_release.append((time.monotonic() + RELEASE_AFTER_S, group))
+            return None
 
     def on_step_begin(self, iteration, trials, **info) -> None:
-        self._release(time.monotonic())
+        self._settle(time.monotonic())
 
     def on_experiment_end(self, trials, **info) -> None:
-        self._release(float("inf"))
+        self._settle(float("inf"))
 
-    def _release(self, now: float) -> None:
-        """Remove the worker placement groups of stopped trials whose time has come (see the module docstring)."""
+    def _settle(self, now: float) -> None:
+        """For stopped trials whose time has come (their actor and Train controller are gone): record the
+        stop again (the trial may have recorded a failure as its Train run was torn down) and remove the
+        Train run's worker placement group (see the module docstring)."""
         from ray.util.placement_group import PlacementGroup, remove_placement_group
 
-        due = [group for when, group in self.to_release if when <= now]
-        self.to_release = [(when, group) for when, group in self.to_release if when > now]
-        for group in due:
+        due = [entry for entry in self.to_settle if entry[0] <= now]
+        self.to_settle = [entry for entry in self.to_settle if entry[0] > now]
+        for _, trial_id, last, reason in due:
+            run = self._record_stop(trial_id, last, reason)
+            group = run.data.tags.get(sweeps.PLACEMENT_GROUP_TAG) if run is not None else None
+            if not group:
+                continue
             try:
                 remove_placement_group(PlacementGroup(ray.PlacementGroupID(bytes.fromhex(group))))
-                log.info(f"sweep {self.sweep}: removed placement group {group} of a stopped trial")
+                log.info(f"sweep {self.sweep}: removed placement group {group} of stopped trial {trial_id}")
             except Exception as err:  # noqa: BLE001 - already removed, or the cluster is going away
                 log.debug("placement group %s not removed: %s", group, err)
 

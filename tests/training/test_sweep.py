@@ -135,6 +135,31 @@ def test_the_schedulers_rungs_survive_a_restore_through_the_recorders_state():
     assert after["scheduler"].on_trial_result(None, weak, {"epoch": 1, "val_loss": 5.0}) == TrialScheduler.STOP
 
 
+def test_a_stopped_trial_stays_stopped_whichever_of_stop_and_teardown_error_is_recorded_first(tmp_path):
+    """ASHA's stop kills the trial's Train controller, and the trial's fit() may raise for that in the
+    moment before its actor ends: its failure must not replace the stop, in either order."""
+    from pipeline.tracking import sweeps
+    from pipeline.tracking.runs import client_for, find_or_create_run
+    from tests.tracking.conftest import tiny_config
+
+    cfg = tiny_config(f"sqlite:///{tmp_path / 'mlflow.db'}", run_name="sw")
+    client = client_for(cfg)
+    last = {"epoch": 1, "step": 2, "val_loss": 3.0}
+    for trial_id, stop_first in (("t_00000", True), ("t_00001", False)):
+        trial_cfg = tiny_config(cfg.tracking.tracking_uri, run_name=f"sw-{trial_id}")
+        run_id = find_or_create_run(trial_cfg, sweeps.trial_tags("sw", "parent", trial_id, {"train.seed": 1}))
+        teardown = RuntimeError("the Train controller died")
+        if stop_first:
+            sweeps.record_stopped(cfg, "sw", trial_id, last, "ASHA stopped it")
+            sweeps.record_failed(cfg, run_id, teardown)
+        else:
+            sweeps.record_failed(cfg, run_id, teardown)
+            sweeps.record_stopped(cfg, "sw", trial_id, last, "ASHA stopped it")
+        run = client.get_run(run_id)
+        assert (run.info.status, run.data.tags[sweeps.DECISION_TAG]) == ("KILLED", "stopped_early"), trial_id
+        assert "sweep.error" not in run.data.tags and run.data.metrics["val_loss"] == 3.0
+
+
 def test_trials_in_flight_are_what_the_cluster_holds():
     from pipeline.training.sweep import concurrent_trials
 
