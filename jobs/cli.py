@@ -3,7 +3,7 @@
 import importlib
 import sys
 
-JOBS = ("synth", "prepare", "train", "evaluate", "register", "promote", "predict", "export", "demo", "bench",
+JOBS = ("synth", "prepare", "train", "sweep", "evaluate", "register", "promote", "predict", "export", "demo", "bench",
         "submit")
 
 

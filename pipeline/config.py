@@ -514,6 +514,38 @@ def config_from_dict(tree: dict[str, Any]) -> Config:
     return validate(_build(Config, tree, ""))
 
 
+def key_type(key: str) -> Any:
+    """The type hint of the dotted config key (ConfigError naming an unknown key or a section)."""
+    return _field_hint(key.split("."), key)
+
+
+def override_value(key: str, raw: str) -> Any:
+    """The typed value that the override `key=raw` sets (ConfigError naming the key when it is no value
+    of the key's type)."""
+    hint = key_type(key)
+    return _coerce(key, _parse_text(key, raw, hint), hint)
+
+
+def typed_value(key: str, value: Any) -> Any:
+    """`value` as the key's type: text as an override gives it, anything else as a YAML value is checked
+    (so YAML 1.1's `1e-4`, which it reads as text, is a number too)."""
+    return override_value(key, value) if isinstance(value, str) else _coerce(key, value, key_type(key))
+
+
+def with_values(cfg: Config, values: dict[str, Any]) -> Config:
+    """`cfg` with dotted keys set to values (typed as YAML or Python gives them: checked and converted
+    like YAML values), validated."""
+    tree = cfg.to_dict()
+    for key, value in values.items():
+        hint = key_type(key)
+        *sections, name = key.split(".")
+        node = tree
+        for section in sections:
+            node = node[section]
+        node[name] = _coerce(key, value, hint)
+    return config_from_dict(tree)
+
+
 def int_at_least(minimum: int):
     """An argparse `type` for integers of at least `minimum`, with a message naming the value."""
     def parse(text: str) -> int:

@@ -79,10 +79,12 @@ def worker_group_size(cfg: Config) -> int | tuple[int, int]:
 
 
 def make_trainer(cfg: Config, run_id: str | None, *, manifest: pa.Table | None = None, data_source: str = "stream",
-                 ray_run_name: str = ""):
+                 ray_run_name: str = "", callbacks: tuple = (), loop=train_loop_per_worker):
     """The TorchTrainer of `cfg`; `run_id` None logs nothing to MLflow, `data_source="memory"` trains
     on `memory_batches` instead of the clip stream. `ray_run_name` (default `train.run_name`) names
-    the Ray run, whose checkpoints a rerun resumes from; `manifest` is the table when already read."""
+    the Ray run, whose checkpoints a rerun resumes from; `manifest` is the table when already read;
+    `callbacks` are Ray Train user callbacks (a sweep's trial hands its reports to Ray Tune with one) and
+    `loop` the per-worker function (`train_loop_per_worker`, which a sweep's trial wraps)."""
     from ray.train import CheckpointConfig, FailureConfig, RunConfig, ScalingConfig
     from ray.train.torch import TorchTrainer
 
@@ -95,14 +97,14 @@ def make_trainer(cfg: Config, run_id: str | None, *, manifest: pa.Table | None =
         manifest = manifest if manifest is not None else read_manifest(cfg.data.manifest, storage=cfg.storage)
         datasets = training_datasets(cfg, ray_run_name, manifest)
     return TorchTrainer(
-        train_loop_per_worker,
+        loop,
         train_loop_config={"config": cfg.to_dict(), "mlflow_run_id": run_id, "data_source": data_source},
         datasets=datasets, dataset_config=ClipDataConfig(cfg.data.object_store_budget_gb),
         scaling_config=ScalingConfig(num_workers=worker_group_size(cfg), use_gpu=cfg.train.use_gpu,
                                      resources_per_worker={"CPU": cfg.train.cpus_per_worker}),
         run_config=RunConfig(
             name=ray_run_name, storage_path=storage_path, storage_filesystem=storage_fs,
-            failure_config=FailureConfig(max_failures=cfg.train.max_failures),
+            failure_config=FailureConfig(max_failures=cfg.train.max_failures), callbacks=list(callbacks),
             checkpoint_config=CheckpointConfig(num_to_keep=cfg.train.keep_checkpoints,
                                                checkpoint_score_attribute=cfg.train.checkpoint_metric,
                                                checkpoint_score_order=checkpoint_order(cfg.train.checkpoint_metric))),
