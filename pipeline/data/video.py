@@ -21,7 +21,7 @@ from __future__ import annotations
 import os
 from fractions import Fraction
 from pathlib import Path
-from typing import IO, Iterable, Union
+from typing import IO, Iterable, Iterator, Union
 
 import av
 import numpy as np
@@ -265,6 +265,35 @@ def _h264_stream(out, image, rate: Fraction, *, keyframe_interval: int, crf: int
     return stream
 
 
+def _write_h264(dst: Path, images: Iterable[av.VideoFrame], rate: Fraction, *, keyframe_interval: int, crf: int,
+                preset: str, threads: int, no_frames: str) -> dict:
+    """Encode yuv420p `images` (one size) as an MP4 at `dst`: H.264, a keyframe every `keyframe_interval`
+    frames, no B-frames, frame j at timestamp j in a 1/`rate` time base. Returns the copy's facts
+    (`num_frames`, `fps`, `width`, `height`, `duration_s`, `bytes`, `codec`, `pix_fmt`,
+    `keyframe_interval`); TranscodeError(`no_frames`) when `images` is empty."""
+    time_base = Fraction(rate.denominator, rate.numerator)
+    written, stream = 0, None
+    with av.open(str(dst), "w", format="mp4", options={"movflags": "+faststart"}) as out:
+        for image in images:
+            if stream is None:
+                stream = _h264_stream(out, image, rate, keyframe_interval=keyframe_interval, crf=crf, preset=preset,
+                                      threads=threads)
+                width, height = image.width, image.height
+            image.pts, image.time_base = written, time_base
+            # libx264 obeys a decoded frame's I/P/B picture type when set; let it choose.
+            image.pict_type = PictureType.NONE
+            for packet in stream.encode(image):
+                out.mux(packet)
+            written += 1
+        if stream is None:
+            raise TranscodeError(no_frames)
+        for packet in stream.encode():
+            out.mux(packet)
+    return {"num_frames": written, "fps": float(rate), "width": width, "height": height,
+            "duration_s": float(written * time_base), "bytes": dst.stat().st_size, "codec": "h264",
+            "pix_fmt": "yuv420p", "keyframe_interval": keyframe_interval}
+
+
 def transcode_video(src: Source, dst_local_path: str | Path, *, short_side: int | None = None,
                     frame_stride: int = 1, keyframe_interval: int = 16, crf: int = 23,
                     preset: str = "veryfast", threads: int = 0, limits: MediaLimits = DEFAULT_LIMITS) -> dict:
@@ -284,7 +313,27 @@ def transcode_video(src: Source, dst_local_path: str | Path, *, short_side: int 
     dst.parent.mkdir(parents=True, exist_ok=True)
     if hasattr(src, "seek"):
         src.seek(0)
-    written = decoded = 0
+    decoded = 0
+
+    def upright_images(container, in_stream) -> Iterator[av.VideoFrame]:
+        nonlocal decoded
+        reformatter, display = VideoReformatter(), None
+        for frame in container.decode(in_stream):
+            decoded += 1
+            check_frames(decoded, limits)
+            if (decoded - 1) % frame_stride:
+                continue
+            if display is None:
+                # The copy stores the picture as shown (upright, square pixels), untagged.
+                display = display_of(frame, in_stream.sample_aspect_ratio)
+                shown_width, shown_height = output_size(display.width, display.height, short_side)
+                height, width = display.stored_size(shown_height, shown_width)
+                # YUV keeps its own matrix and range; RGB has none to keep, so it gets BT.709.
+                colour = {"dst_colorspace": "ITU709", "dst_color_range": "MPEG"} if frame.format.is_rgb else {}
+            image = reformatter.reformat(frame, width=width, height=height, format="yuv420p",
+                                         interpolation="AREA", threads=threads, **colour)
+            yield image if display.is_upright else _upright_yuv420p(image, display)
+
     try:
         with open_media(src, limits=limits) as container:
             if not container.streams.video:
@@ -295,48 +344,13 @@ def transcode_video(src: Source, dst_local_path: str | Path, *, short_side: int 
             in_stream.codec_context.thread_count = threads
             src_rate = in_stream.average_rate or in_stream.guessed_rate or Fraction(30)
             rate = (Fraction(src_rate) / frame_stride).limit_denominator(1001)
-            time_base = Fraction(rate.denominator, rate.numerator)
-            with av.open(str(dst), "w", format="mp4", options={"movflags": "+faststart"}) as out:
-                stream = None
-                reformatter = VideoReformatter()
-                for frame in container.decode(in_stream):
-                    decoded += 1
-                    check_frames(decoded, limits)
-                    if (decoded - 1) % frame_stride:
-                        continue
-                    if stream is None:
-                        # The copy stores the picture as shown (upright, square pixels), untagged.
-                        display = display_of(frame, in_stream.sample_aspect_ratio)
-                        out_width, out_height = output_size(display.width, display.height, short_side)
-                        height, width = display.stored_size(out_height, out_width)
-                        # YUV keeps its own matrix and range; RGB has none to keep, so it gets BT.709.
-                        colour = {"dst_colorspace": "ITU709", "dst_color_range": "MPEG"} if frame.format.is_rgb else {}
-                    image = reformatter.reformat(frame, width=width, height=height, format="yuv420p",
-                                                 interpolation="AREA", threads=threads, **colour)
-                    if not display.is_upright:
-                        image = _upright_yuv420p(image, display)
-                    if stream is None:
-                        stream = _h264_stream(out, image, rate, keyframe_interval=keyframe_interval, crf=crf,
-                                              preset=preset, threads=threads)
-                    image.pts = written
-                    image.time_base = time_base
-                    # libx264 obeys the decoder's I/P/B picture types when set; let it choose.
-                    image.pict_type = PictureType.NONE
-                    for packet in stream.encode(image):
-                        out.mux(packet)
-                    written += 1
-                if stream is None:
-                    raise TranscodeError("no decodable frames")
-                for packet in stream.encode():
-                    out.mux(packet)
+            copy = _write_h264(dst, upright_images(container, in_stream), rate, keyframe_interval=keyframe_interval,
+                               crf=crf, preset=preset, threads=threads, no_frames="no decodable frames")
     except TranscodeError:
         raise
     except Exception as err:  # noqa: BLE001 - one line for the manifest's reason
         raise TranscodeError(f"after {decoded} decoded frames: {_one_line(err)}") from None
-    return {"num_frames": written, "fps": float(rate), "width": out_width, "height": out_height,
-            "duration_s": float(written * time_base), "bytes": dst.stat().st_size, "codec": "h264",
-            "pix_fmt": "yuv420p", "frame_stride": frame_stride, "keyframe_interval": keyframe_interval,
-            "source_frames": decoded}
+    return {**copy, "frame_stride": frame_stride, "source_frames": decoded}
 
 
 def encode_rgb_frames(frames: Iterable[np.ndarray], dst_local_path: str | Path, *, fps: float,
@@ -352,39 +366,30 @@ def encode_rgb_frames(frames: Iterable[np.ndarray], dst_local_path: str | Path, 
     if fps <= 0:
         raise ValueError(f"fps={fps} must be > 0")
     rate = Fraction(fps).limit_denominator(1001)
-    time_base = Fraction(rate.denominator, rate.numerator)
     dst = Path(dst_local_path)
     dst.parent.mkdir(parents=True, exist_ok=True)
-    written, size = 0, None
+    given = 0
+
+    def yuv_images() -> Iterator[av.VideoFrame]:
+        nonlocal given
+        reformatter, size = VideoReformatter(), None
+        for rgb in frames:
+            if size is None:
+                size = rgb.shape[:2]
+                width, height = output_size(rgb.shape[1], rgb.shape[0], short_side)
+            elif rgb.shape[:2] != size:
+                raise ValueError(f"frame {given} is {rgb.shape[1]}x{rgb.shape[0]}, the first {size[1]}x{size[0]}")
+            given += 1
+            picture = av.VideoFrame.from_ndarray(np.ascontiguousarray(rgb, dtype=np.uint8), format="rgb24")
+            yield reformatter.reformat(picture, width=width, height=height, format="yuv420p",
+                                       interpolation="AREA", threads=threads, dst_colorspace="ITU709",
+                                       dst_color_range="MPEG")
+
     try:
-        with av.open(str(dst), "w", format="mp4", options={"movflags": "+faststart"}) as out:
-            stream, reformatter = None, VideoReformatter()
-            for rgb in frames:
-                if size is None:
-                    size = rgb.shape[:2]
-                    out_width, out_height = output_size(rgb.shape[1], rgb.shape[0], short_side)
-                elif rgb.shape[:2] != size:
-                    raise ValueError(f"frame {written} is {rgb.shape[1]}x{rgb.shape[0]}, the first {size[1]}x{size[0]}")
-                picture = av.VideoFrame.from_ndarray(np.ascontiguousarray(rgb, dtype=np.uint8), format="rgb24")
-                image = reformatter.reformat(picture, width=out_width, height=out_height, format="yuv420p",
-                                             interpolation="AREA", threads=threads, dst_colorspace="ITU709",
-                                             dst_color_range="MPEG")
-                if stream is None:
-                    stream = _h264_stream(out, image, rate, keyframe_interval=keyframe_interval, crf=crf,
-                                          preset=preset, threads=threads)
-                image.pts, image.time_base = written, time_base
-                for packet in stream.encode(image):
-                    out.mux(packet)
-                written += 1
-            if stream is None:
-                raise TranscodeError("no frames to encode")
-            for packet in stream.encode():
-                out.mux(packet)
+        copy = _write_h264(dst, yuv_images(), rate, keyframe_interval=keyframe_interval, crf=crf, preset=preset,
+                           threads=threads, no_frames="no frames to encode")
     except (TranscodeError, ValueError):
         raise
     except Exception as err:  # noqa: BLE001 - one line for the manifest's reason
-        raise TranscodeError(f"after {written} encoded frames: {_one_line(err)}") from None
-    return {"num_frames": written, "fps": float(rate), "width": out_width, "height": out_height,
-            "duration_s": float(written * time_base), "bytes": dst.stat().st_size, "codec": "h264",
-            "pix_fmt": "yuv420p", "frame_stride": 1, "keyframe_interval": keyframe_interval,
-            "source_frames": written}
+        raise TranscodeError(f"after {given} encoded frames: {_one_line(err)}") from None
+    return {**copy, "frame_stride": 1, "source_frames": given}
