@@ -95,7 +95,7 @@ def test_export_job_logs_the_graph_the_server_description_and_the_check_in_the_v
     assert tiny_videos["manifest"] in parity_record["checked_on"] and parity_record["undecodable_videos"] == 1
     assert parity_record["decoded"]["views"] == 3 * 2  # 3 decodable val videos x 2 test clips
 
-    client = MlflowClient(uri)
+    client = MlflowClient(uri, registry_uri=uri)  # not the registry an earlier test set in this process
     assert {a.path for a in client.list_artifacts(run_id, "onnx")} == {
         "onnx/model.onnx", "onnx/preprocess.json", "onnx/labels.json", "onnx/parity.json"}
     version = client.get_model_version("onnx-demo", "1")

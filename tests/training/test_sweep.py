@@ -259,7 +259,7 @@ def test_a_sweep_stops_weak_trials_records_failures_continues_after_a_stop_and_r
            "--search", f"model.init_from=grid:,{bad_init},{missing},{other_init}", "--trials", "4",
            "--metric", "val_loss", "--reduction-factor", "2", "--max-concurrent", "1"]
     env = {**os.environ, "RAY_ADDRESS": two_cpu_cluster}
-    client = MlflowClient(uri)
+    client = MlflowClient(uri, registry_uri=uri)  # not the registry an earlier test set in this process
 
     def decided():
         experiment = client.get_experiment_by_name("uniformer-demo")
