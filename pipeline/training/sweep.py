@@ -276,6 +276,20 @@ def concurrent_trials(cfg: Config, resources: dict[str, float], trial_cpus: floa
     return max(1, int(resources.get("CPU", 0) // need))
 
 
+def one_trial_short(cfg: Config, resources: dict[str, float], trial_cpus: float) -> str:
+    """Why the cluster's CPUs cannot hold one trial ("" when they can): its workers, its actor, and one
+    whole CPU for Ray Data's stream (its step that cuts an epoch into one block per decode task asks for
+    a CPU, and the stream never starts without one)."""
+    workers = cfg.train.num_workers * cfg.train.cpus_per_worker
+    need = workers + trial_cpus + max(1.0, cfg.data.decode_cpus)
+    have = resources.get("CPU", 0)
+    if have >= need:
+        return ""
+    return (f"a trial needs {need:g} CPUs ({workers:g} for train.num_workers={cfg.train.num_workers} x "
+            f"train.cpus_per_worker={cfg.train.cpus_per_worker:g}, {trial_cpus:g} for its actor (--trial-cpus), "
+            f"{max(1.0, cfg.data.decode_cpus):g} for Ray Data's stream) and the cluster has {have:g}")
+
+
 def _options(cfg: Config, space: SearchSpace, opts: SweepOptions) -> SweepOptions:
     """`opts` with defaults filled in from `cfg`, checked against it and the space."""
     metric = opts.metric or cfg.train.checkpoint_metric
@@ -336,6 +350,10 @@ def run_sweep(cfg: Config, space: SearchSpace, opts: SweepOptions) -> dict[str, 
     parent_id, resumed = sweeps.find_or_create_parent(cfg, parent_params(cfg, space, opts, manifest),
                                                       search_text=search_text)
     init_ray()
+    short = one_trial_short(cfg, ray.cluster_resources(), opts.trial_cpus)
+    if short:  # an autoscaling cluster may still grow; a fixed one would wait forever
+        log.warning(f"sweep {name}: {short}; its trials wait until the cluster grows (or lower "
+                    "train.num_workers or train.cpus_per_worker)")
     max_concurrent = opts.max_concurrent or concurrent_trials(cfg, ray.cluster_resources(), opts.trial_cpus)
     experiment = join(cfg.train.storage_path, name)
     storage_path, storage_fs = ray_storage(cfg.train.storage_path, storage=cfg.storage)

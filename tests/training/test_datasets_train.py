@@ -10,7 +10,6 @@ import subprocess
 import sys
 from pathlib import Path
 
-import pytest
 import torch
 
 from model import create_uniformer
@@ -26,16 +25,6 @@ TINY = ["model.variant=uniformer_xs", "data.num_frames=8", "data.crop_size=64", 
         "train.num_workers=1", "train.cpus_per_worker=0.5", "train.batch_size=4", "train.use_gpu=false",
         "train.precision=fp32", "optim.epochs=1", "train.max_steps_per_epoch=2", "optim.warmup_epochs=0",
         "tracking.system_metrics=false"]
-
-
-@pytest.fixture(scope="module")
-def cluster():
-    from ray.cluster_utils import Cluster
-
-    cluster = Cluster(initialize_head=True, head_node_args={"num_cpus": 2, "include_dashboard": False})
-    cluster.wait_for_nodes()
-    yield cluster.address
-    cluster.shutdown()
 
 
 def job(tmp_path: Path, address: str, name: str, *args: str, timeout_s: int = 900) -> tuple[dict, str]:
@@ -59,21 +48,21 @@ def logged_labels(tmp_path: Path, model_uri: str) -> list[str]:
     return read_bundle(local)[1]
 
 
-def test_ssv1_frame_folders_prepare_train_and_evaluate(tmp_path, cluster):
+def test_ssv1_frame_folders_prepare_train_and_evaluate(tmp_path, two_cpu_cluster):
     data = ssv1_dataset(tmp_path / "ssv1", videos_per_class=3)  # 4 training and 2 validation videos
     prepared = tmp_path / "prepared"
     summary = prepare([str(p) for p in data["annotations"]], str(data["frames"]), str(prepared), labels_uri="ssv1",
                       options=PrepareOptions(short_side=0), executor="inline")
     assert summary["ok"] == {"train": 4, "val": 2}
 
-    trained, log = job(tmp_path, cluster, "train", "--config", str(CONFIGS / "demo.yaml"), *TINY,
+    trained, log = job(tmp_path, two_cpu_cluster, "train", "--config", str(CONFIGS / "demo.yaml"), *TINY,
                        f"data.manifest={prepared}", "data.sampling=uniform", "model.num_classes=0",
                        f"train.storage_path={tmp_path / 'ray_results'}", "train.run_name=ssv1")
     assert "train: model.num_classes=174, from the data's labels" in log
     assert (trained["epochs"], trained["steps"], trained["val_videos"]) == (1, 2, 2)
     assert logged_labels(tmp_path, trained["model_uri"]) == class_list("ssv1")  # the labels travel with the model
 
-    result, _ = job(tmp_path, cluster, "evaluate", "--model", trained["model_uri"], "--manifest", str(prepared))
+    result, _ = job(tmp_path, two_cpu_cluster, "evaluate", "--model", trained["model_uri"], "--manifest", str(prepared))
     assert result["eval_videos"] == 2 and result["eval_unusable"] == 0 and result["test_clips"] == 2
 
 
@@ -84,7 +73,7 @@ def readme_walk() -> list[list[str]]:
     return [shlex.split(line.split("#", 1)[0]) for line in block.splitlines() if line.strip()]
 
 
-def test_the_fine_tuning_walk_on_class_folders_runs_as_the_readme_writes_it(tmp_path, cluster):
+def test_the_fine_tuning_walk_on_class_folders_runs_as_the_readme_writes_it(tmp_path, two_cpu_cluster):
     """README, "Your own videos": a folder per class -> prepare -> fine-tune the K400 checkpoint (its head
     replaced) -> evaluate -> register -> promote -> predict: the README's commands, with its placeholders
     filled in and, for train, the CPU-sized overrides of TINY."""
@@ -105,7 +94,7 @@ def test_the_fine_tuning_walk_on_class_folders_runs_as_the_readme_writes_it(tmp_
                 .replace("RUN_ID", outputs.get("train", {}).get("run_id", "RUN_ID")) for arg in args]
         if name == "train":
             args += [f"train.storage_path={tmp_path / 'ray_results'}", *TINY]
-        outputs[name], log = job(tmp_path, cluster, name, *args)
+        outputs[name], log = job(tmp_path, two_cpu_cluster, name, *args)
         if name == "train":
             assert "train: model.num_classes=3, from the data's labels" in log
             assert "new head for the data's classes (k400" in log.replace("Kinetics-400", "k400")

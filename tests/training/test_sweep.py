@@ -160,6 +160,39 @@ def test_a_stopped_trial_stays_stopped_whichever_of_stop_and_teardown_error_is_r
         assert "sweep.error" not in run.data.tags and run.data.metrics["val_loss"] == 3.0
 
 
+def test_the_best_completed_trial_is_registered_once_and_a_stopped_ones_better_value_does_not_count(tmp_path):
+    from mlflow.tracking import MlflowClient
+
+    from pipeline.tracking import sweeps
+    from pipeline.tracking.runs import set_tags
+    from tests.tracking.conftest import fake_training, tiny_config
+
+    uri = f"sqlite:///{tmp_path / 'mlflow.db'}"
+    cfg = tiny_config(uri, run_name="sw", extra=("tracking.registered_model=sweep-best",))
+    parent_id, resumed = sweeps.find_or_create_parent(cfg, {"search.optim.weight_decay": "uniform:0.0:0.1"},
+                                                      search_text="optim.weight_decay: uniform:0.0:0.1\n")
+    assert not resumed
+    client = MlflowClient(uri, registry_uri=uri)
+    runs = {}
+    # val_top1 after each trial's last validation; the stopped trial's is the highest, at an earlier epoch.
+    for trial_id, val_top1, decision in (("t0", 0.5, sweeps.COMPLETED), ("t1", 0.7, sweeps.COMPLETED),
+                                         ("t2", 0.9, sweeps.STOPPED_EARLY), ("t3", 0.0, sweeps.FAILED)):
+        runs[trial_id] = fake_training(tiny_config(uri, run_name=f"sw-{trial_id}"), val_top1=val_top1,
+                                       finish=decision == sweeps.COMPLETED)  # only completed trials log models
+        set_tags(client, runs[trial_id], {**sweeps.trial_tags("sw", parent_id, trial_id, {"optim.weight_decay": 0.1}),
+                                          sweeps.DECISION_TAG: decision})
+
+    summary = sweeps.finish_sweep(cfg, parent_id, metric="val_top1", register_as="sweep-best")
+    assert (summary["best_trial"], summary["best_run_id"]) == ("t1", runs["t1"])
+    assert (summary["trials_completed"], summary["trials_stopped_early"], summary["trials_failed"]) == (2, 1, 1)
+    challenger = client.get_model_version_by_alias("sweep-best", "challenger")
+    assert challenger.run_id == runs["t1"] and challenger.tags["sweep_parent_run_id"] == parent_id
+    assert client.get_run(parent_id).info.status == "FINISHED"
+    # Finished again (a rerun of a finished sweep): the same version, nothing registered twice.
+    assert sweeps.finish_sweep(cfg, parent_id, metric="val_top1", register_as="sweep-best")["registered_version"] == \
+        int(challenger.version) == 1
+
+
 def test_trials_in_flight_are_what_the_cluster_holds():
     from pipeline.training.sweep import concurrent_trials
 
@@ -169,6 +202,16 @@ def test_trials_in_flight_are_what_the_cluster_holds():
     gpu = load_config(DEMO, ["train.use_gpu=true", "train.num_workers=4"])
     assert concurrent_trials(gpu, {"CPU": 256.0, "GPU": 8.0}, 0.25) == 2
     assert concurrent_trials(gpu, {"CPU": 256.0, "GPU": 2.0}, 0.25) == 1  # one trial, waiting for its workers
+
+
+def test_a_cluster_too_small_for_one_trial_is_named():
+    from pipeline.training.sweep import one_trial_short
+
+    # The demo's 2 workers x 0.5 CPU and the trial's 0.25 leave 0.75 CPU, and Ray Data's stream asks for 1.
+    assert one_trial_short(load_config(DEMO, []), {"CPU": 2.0}, 0.25) == (
+        "a trial needs 2.25 CPUs (1 for train.num_workers=2 x train.cpus_per_worker=0.5, 0.25 for its actor "
+        "(--trial-cpus), 1 for Ray Data's stream) and the cluster has 2")
+    assert one_trial_short(load_config(DEMO, ["train.num_workers=1"]), {"CPU": 2.0}, 0.25) == ""
 
 
 @pytest.mark.parametrize("args, message", [
@@ -200,16 +243,6 @@ def sweep_set(tmp_path_factory):
     from tests.training.test_train import prepared_motion_set
 
     return prepared_motion_set(tmp_path_factory.mktemp("sweep_motion"), videos_per_class=6)
-
-
-@pytest.fixture(scope="module")
-def two_cpu_cluster():
-    from ray.cluster_utils import Cluster
-
-    cluster = Cluster(initialize_head=True, head_node_args={"num_cpus": 2, "include_dashboard": False})
-    cluster.wait_for_nodes()
-    yield cluster.address
-    cluster.shutdown()
 
 
 def demo_init(path: Path, *, seed: int, confident_wrong: bool = False) -> Path:
@@ -247,16 +280,15 @@ def test_a_sweep_stops_weak_trials_records_failures_continues_after_a_stop_and_r
 
     bad_init = demo_init(tmp_path / "confident_wrong.pt", seed=0, confident_wrong=True)
     missing = tmp_path / "missing.pt"
-    other_init = demo_init(tmp_path / "other_start.pt", seed=1)
     uri = f"sqlite:///{tmp_path / 'mlflow.db'}"
     # One search dimension, a grid, so that the trials and their order are known, one at a time: the plain
-    # start (completes), a start ASHA must stop at the first rung, one whose checkpoint is missing (fails),
-    # and another plain start, which completes only if the stopped trial's workers gave their CPUs back.
+    # start (completes), a start ASHA must stop at the first rung, and one whose checkpoint is missing, which
+    # fails on that only if the stopped trial's workers gave their CPUs back (else its workers never start).
     cmd = [sys.executable, "-m", "jobs.sweep", "--config", str(DEMO), f"data.manifest={sweep_set}",
            f"train.storage_path={tmp_path / 'ray_results'}", f"tracking.tracking_uri={uri}", "train.run_name=sw",
            "tracking.registered_model=sweep-demo", "optim.epochs=2", "optim.warmup_epochs=0",
            "train.max_steps_per_epoch=1", "train.val_every_epochs=1", "train.num_workers=1", "train.max_failures=0",
-           "--search", f"model.init_from=grid:,{bad_init},{missing},{other_init}", "--trials", "4",
+           "--search", f"model.init_from=grid:,{bad_init},{missing}", "--trials", "3",
            "--metric", "val_loss", "--reduction-factor", "2", "--max-concurrent", "1"]
     env = {**os.environ, "RAY_ADDRESS": two_cpu_cluster}
     client = MlflowClient(uri, registry_uri=uri)  # not the registry an earlier test set in this process
@@ -288,21 +320,19 @@ def test_a_sweep_stops_weak_trials_records_failures_continues_after_a_stop_and_r
     summary = json.loads(second.stdout.strip().splitlines()[-1])
     assert summary["resumed"] and not summary["interrupted"] and summary["parent_run_id"] == summary1["parent_run_id"]
     counts = (summary["trials_completed"], summary["trials_stopped_early"], summary["trials_failed"])
-    assert counts == (2, 1, 1), summary
+    assert counts == (1, 1, 1), summary
 
     parent = client.get_run(summary["parent_run_id"])
     assert parent.info.status == "FINISHED" and parent.data.tags["job"] == "sweep"
     assert parent.data.params["search.model.init_from"].startswith("grid:,")
     assert parent.data.tags["sweep.best_run_id"] == summary["best_run_id"]
     runs = {r.data.params["model.init_from"]: r for r in decided()}
-    assert len(decided()) == 4 and all(r.data.tags["mlflow.parentRunId"] == parent.info.run_id for r in runs.values())
+    assert len(decided()) == 3 and all(r.data.tags["mlflow.parentRunId"] == parent.info.run_id for r in runs.values())
 
-    first, other = runs[""], runs[str(other_init)]
-    for done in (first, other):
-        assert done.data.tags[sweeps.DECISION_TAG] == "completed" and done.info.status == "FINISHED"
-        assert {m.step for m in client.get_metric_history(done.info.run_id, "train_loss")} == {1, 2}
-    assert first.info.run_id in before  # decided before the stop, and not trained again after it
-    best = min((first, other), key=lambda r: r.data.metrics["val_loss"])
+    best = runs[""]  # the one completed trial (which of several is best: the test above)
+    assert best.data.tags[sweeps.DECISION_TAG] == "completed" and best.info.status == "FINISHED"
+    assert {m.step for m in client.get_metric_history(best.info.run_id, "train_loss")} == {1, 2}
+    assert best.info.run_id in before  # decided before the stop, and not trained again after it
     assert summary["best_run_id"] == best.info.run_id
 
     stopped = runs[str(bad_init)]
