@@ -350,11 +350,12 @@ def run_sweep(cfg: Config, space: SearchSpace, opts: SweepOptions) -> dict[str, 
     parent_id, resumed = sweeps.find_or_create_parent(cfg, parent_params(cfg, space, opts, manifest),
                                                       search_text=search_text)
     init_ray()
-    short = one_trial_short(cfg, ray.cluster_resources(), opts.trial_cpus)
+    resources = ray.cluster_resources()
+    short = one_trial_short(cfg, resources, opts.trial_cpus)
     if short:  # an autoscaling cluster may still grow; a fixed one would wait forever
         log.warning(f"sweep {name}: {short}; its trials wait until the cluster grows (or lower "
                     "train.num_workers or train.cpus_per_worker)")
-    max_concurrent = opts.max_concurrent or concurrent_trials(cfg, ray.cluster_resources(), opts.trial_cpus)
+    max_concurrent = opts.max_concurrent or concurrent_trials(cfg, resources, opts.trial_cpus)
     experiment = join(cfg.train.storage_path, name)
     storage_path, storage_fs = ray_storage(cfg.train.storage_path, storage=cfg.storage)
     experiment_path, _ = ray_storage(experiment, storage=cfg.storage)
